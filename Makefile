@@ -1,0 +1,37 @@
+# The two commands: `make run` and `make test`. Both create .venv when it is missing or stale.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(shell find proto -name '*.proto')
+GENERATED := modelserver/v1/modelserver_pb2.py
+
+.PHONY: run test generate lint bench clean
+
+# Reinstall when the dependency pins change or the venv's interpreter no longer runs.
+$(STAMP): pyproject.toml requirements.lock
+	@$(PY) -c 'import sys' 2>/dev/null || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
+	@touch $@
+
+$(GENERATED): $(PROTOS) proto/generate.py | $(STAMP)
+	$(PY) proto/generate.py
+
+generate: $(STAMP)
+	$(PY) proto/generate.py
+
+run: $(STAMP) $(GENERATED)
+	$(PY) -m server $(ARGS)
+
+test: $(STAMP) $(GENERATED)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf $(VENV) model_repository .pytest_cache .ruff_cache

@@ -1,0 +1,80 @@
+"""Command-line client: health, predict, metadata and list, printing JSON (or the health status)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from clients.client import TYPED_MODELS, ModelServerClient
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m clients", description="modelserver command-line client.")
+    parser.add_argument(
+        "--target", default="127.0.0.1:50051", help="server address HOST:PORT (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="deadline per call in seconds (default: %(default)s)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    health = commands.add_parser("health", help="print the health status; exit 0 when SERVING, 1 otherwise")
+    health.add_argument(
+        "--service", default="", help="a model name or gRPC service name (default: the whole server)"
+    )
+
+    predict = commands.add_parser("predict", help="run a prediction and print {output name: rows} as JSON")
+    predict.add_argument("model", choices=sorted(TYPED_MODELS))
+    predict.add_argument(
+        "--json",
+        required=True,
+        dest="inputs",
+        help='inputs as JSON, each a list of rows: {"input_a": [[...]], "input_b": [[...]]}',
+    )
+    predict.add_argument("--version", type=int, default=0, help="model version (default: latest)")
+
+    metadata = commands.add_parser("metadata", help="print a model's metadata as JSON")
+    metadata.add_argument("model")
+    metadata.add_argument("--version", type=int, default=0, help="model version (default: latest)")
+
+    commands.add_parser("list", help="print every model and whether it is ready, as JSON")
+    return parser
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with ModelServerClient(args.target, timeout=args.timeout) as client:
+        try:
+            if args.command == "health":
+                status = client.health(args.service)
+                print(status)
+                return 0 if status == "SERVING" else 1
+            if args.command == "predict":
+                try:
+                    inputs = json.loads(args.inputs)
+                except json.JSONDecodeError as error:
+                    print(f"error: --json is not valid JSON: {error}", file=sys.stderr)
+                    return 2
+                outputs = client.predict(args.model, inputs, version=args.version)
+                _print_json({name: value.tolist() for name, value in outputs.items()})
+            elif args.command == "metadata":
+                _print_json(
+                    MessageToDict(client.metadata(args.model, args.version), preserving_proto_field_name=True)
+                )
+            elif args.command == "list":
+                _print_json(MessageToDict(client.list_models(), preserving_proto_field_name=True))
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            if args.command == "health":
+                print("UNKNOWN")
+            return 1
+    return 0

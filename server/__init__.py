@@ -1,0 +1,1 @@
+"""modelserver: serves SavedModels from a model repository over gRPC."""

@@ -1,0 +1,23 @@
+"""python -m server: parse settings, then serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+# Quiet TensorFlow's C++ start-up chatter before anything imports it (SPEC §11).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from server.app import serve  # noqa: E402
+from server.settings import configure_logging, parse_settings  # noqa: E402
+
+
+def main() -> int:
+    settings = parse_settings()
+    configure_logging(settings.log_level)
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The modelserver.v1.ModelService servicer: decode, hand to the core, encode. Nothing else.
+
+Every RPC goes through `_rpc`, which maps core errors to status codes and records the request
+metrics with the final code, cancellations and deadlines included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from modelserver.v1 import modelserver_pb2 as pb
+from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
+from server.inference import InferenceService, ModelMetadata
+from server.metrics import REQUEST_DURATION, REQUESTS
+from server.status import to_status
+from server.tensors import TensorSpec
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+def _final_code_of_cancelled(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+def _rpc(method: str, model: Callable[[Any, Any], str]) -> Callable[[Handler], Handler]:
+    """Wrap a handler: status mapping for errors, and modelserver_requests_total / duration metrics."""
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            model_label = model(self, request)
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await handler(self, request, context)
+            except asyncio.CancelledError:
+                code = _final_code_of_cancelled(context)
+                raise
+            except Exception as error:
+                code, message = to_status(error)
+                await context.abort(code, message)
+            finally:
+                REQUESTS.labels(model_label, method, code.name).inc()
+                REQUEST_DURATION.labels(model_label, method).observe(time.perf_counter() - started)
+
+        return wrapper
+
+    return decorate
+
+
+def _floats(field: Any) -> np.ndarray:
+    return np.fromiter(field, dtype=np.float32, count=len(field))
+
+
+def _tensor_spec(spec: TensorSpec) -> pb.TensorSpec:
+    return pb.TensorSpec(
+        name=spec.name, dtype=spec.dtype.name, shape=[-1, *(-1 if d is None else d for d in spec.shape)]
+    )
+
+
+def metadata_message(meta: ModelMetadata) -> pb.GetModelMetadataResponse:
+    b = meta.batching
+    return pb.GetModelMetadataResponse(
+        name=meta.name,
+        version=meta.version,
+        versions=meta.versions,
+        platform=meta.platform,
+        inputs=[_tensor_spec(s) for s in meta.inputs],
+        outputs=[_tensor_spec(s) for s in meta.outputs],
+        device=meta.device,
+        batching=pb.BatchingSettings(
+            enabled=b.enabled,
+            max_batch_size=b.max_batch_size,
+            batch_timeout_seconds=b.batch_timeout_seconds,
+            max_queued_rows=b.max_queued_rows,
+            allowed_batch_sizes=b.allowed_batch_sizes,
+        ),
+        ready=meta.ready,
+    )
+
+
+class ModelService(pb_grpc.ModelServiceServicer):
+    def __init__(self, core: InferenceService) -> None:
+        self._core = core
+
+    def _known(self, name: str) -> str:
+        """A metric label for a caller-supplied model name: unknown names share one label."""
+        return name if name in self._core.model_names() else "unknown"
+
+    @_rpc("PredictMultiInput", lambda self, request: "multi_input")
+    async def PredictMultiInput(
+        self, request: pb.PredictMultiInputRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictMultiInputResponse:
+        result = await self._core.infer_flat(
+            "multi_input",
+            request.version,
+            {"input_a": _floats(request.input_a), "input_b": _floats(request.input_b)},
+        )
+        return pb.PredictMultiInputResponse(
+            output=result.outputs["output"].ravel().tolist(), version=result.version
+        )
+
+    @_rpc("PredictSharedLayer", lambda self, request: "shared_layer")
+    async def PredictSharedLayer(
+        self, request: pb.PredictSharedLayerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictSharedLayerResponse:
+        result = await self._core.infer_flat(
+            "shared_layer",
+            request.version,
+            {"input_a": _floats(request.input_a), "input_b": _floats(request.input_b)},
+        )
+        return pb.PredictSharedLayerResponse(
+            output_a=result.outputs["output_a"].ravel().tolist(),
+            output_b=result.outputs["output_b"].ravel().tolist(),
+            version=result.version,
+        )
+
+    @_rpc("PredictResidualCnn", lambda self, request: "residual_cnn")
+    async def PredictResidualCnn(
+        self, request: pb.PredictResidualCnnRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResidualCnnResponse:
+        result = await self._core.infer_flat(
+            "residual_cnn", request.version, {"image": _floats(request.image)}
+        )
+        probabilities = result.outputs["probabilities"]
+        return pb.PredictResidualCnnResponse(
+            probabilities=probabilities.ravel().tolist(),
+            predicted_class=np.argmax(probabilities, axis=1).tolist(),
+            version=result.version,
+        )
+
+    @_rpc("GetModelMetadata", lambda self, request: self._known(request.name))
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelMetadataResponse:
+        return metadata_message(self._core.metadata(request.name, request.version))
+
+    @_rpc("ListModels", lambda self, request: "")
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        models = [self._core.metadata(name) for name in self._core.model_names()]
+        return pb.ListModelsResponse(
+            models=[pb.ModelSummary(name=m.name, versions=m.versions, ready=m.ready) for m in models]
+        )

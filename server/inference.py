@@ -1,0 +1,196 @@
+"""The transport-free core: resolves models, validates requests, runs them, tracks in-flight work.
+
+gRPC servicers call this and only convert messages; nothing here imports grpc. A runner decides how
+validated inputs reach the model (directly on an executor, or through a batcher), so batching can sit
+between this core and the model runtime without changing either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from server.errors import ModelNotFoundError, UnavailableError
+from server.runtime import ModelRuntime
+from server.tensors import TensorSpec, rows_from_flat, validate_inputs
+
+
+class Runner(Protocol):
+    """Runs validated inputs of `rows` rows on a model and returns its outputs."""
+
+    async def run(
+        self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int
+    ) -> dict[str, np.ndarray]: ...
+
+
+class DirectRunner:
+    """Each request is its own model call, on a dedicated executor so the event loop never blocks."""
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+
+    async def run(
+        self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int
+    ) -> dict[str, np.ndarray]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, runtime.predict, inputs)
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True)
+class BatchingInfo:
+    enabled: bool = False
+    max_batch_size: int = 0
+    batch_timeout_seconds: float = 0.0
+    max_queued_rows: int = 0
+    allowed_batch_sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    version: int
+    versions: tuple[int, ...]
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    device: str
+    batching: BatchingInfo
+    ready: bool
+
+
+@dataclass
+class _Model:
+    runtimes: dict[int, ModelRuntime] = field(default_factory=dict)
+    versions_on_disk: tuple[int, ...] = ()
+    batching: BatchingInfo = BatchingInfo()
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    version: int
+    outputs: dict[str, np.ndarray]
+
+
+class InferenceService:
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+        self._models: dict[str, _Model] = {}
+        self.phase = Phase.STARTING
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- registration, done once at startup ------------------------------------------------------
+
+    def add_model(
+        self,
+        runtime: ModelRuntime,
+        versions_on_disk: tuple[int, ...],
+        batching: BatchingInfo = BatchingInfo(),
+    ) -> None:
+        model = self._models.setdefault(runtime.name, _Model())
+        model.runtimes[runtime.version] = runtime
+        model.versions_on_disk = versions_on_disk
+        model.batching = batching
+
+    def start_serving(self) -> None:
+        self.phase = Phase.SERVING
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def _check_accepting(self) -> None:
+        if self.phase is Phase.STARTING:
+            raise UnavailableError("the server is starting: models are still loading; retry shortly")
+        if self.phase is Phase.DRAINING:
+            raise UnavailableError("the server is shutting down and accepts no new requests; retry elsewhere")
+
+    def resolve(self, name: str, version: int = 0) -> ModelRuntime:
+        """The runtime for a model and version (0 = latest loaded)."""
+        model = self._models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise ModelNotFoundError(f"no model named '{name}'; available models: {known}")
+        if version == 0:
+            return model.runtimes[max(model.runtimes)]
+        runtime = model.runtimes.get(version)
+        if runtime is None:
+            loaded = ", ".join(str(v) for v in sorted(model.runtimes))
+            raise ModelNotFoundError(
+                f"model '{name}' has no loaded version {version}; loaded versions: {loaded} (0 = latest)"
+            )
+        return runtime
+
+    async def infer(self, name: str, version: int, inputs: Mapping[str, np.ndarray]) -> InferenceResult:
+        """Validate and run one request; raises a ServingError subclass for anything the caller must fix."""
+        self._check_accepting()
+        runtime = self.resolve(name, version)
+        rows = validate_inputs(name, runtime.inputs, inputs)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            outputs = await self._runner.run(runtime, inputs, rows)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        return InferenceResult(runtime.version, outputs)
+
+    async def infer_flat(
+        self, name: str, version: int, flat_inputs: Mapping[str, np.ndarray]
+    ) -> InferenceResult:
+        """Like infer, for flat row-major arrays (packed proto fields), reshaped by the model's specs."""
+        self._check_accepting()
+        runtime = self.resolve(name, version)
+        inputs = {
+            key: rows_from_flat(name, runtime.inputs[key], value) if key in runtime.inputs else value
+            for key, value in flat_inputs.items()
+        }
+        return await self.infer(name, version, inputs)
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        return sorted(self._models)
+
+    def metadata(self, name: str, version: int = 0) -> ModelMetadata:
+        runtime = self.resolve(name, version)
+        model = self._models[name]
+        return ModelMetadata(
+            name=name,
+            version=runtime.version,
+            versions=model.versions_on_disk,
+            platform="tensorflow_savedmodel",
+            inputs=tuple(runtime.inputs.values()),
+            outputs=tuple(runtime.outputs.values()),
+            device=runtime.device,
+            batching=model.batching,
+            ready=self.phase is Phase.SERVING,
+        )
+
+    # -- shutdown ---------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def begin_drain(self) -> None:
+        self.phase = Phase.DRAINING
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no accepted request is in flight; False when the timeout passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True

@@ -1,0 +1,53 @@
+"""Every Prometheus metric the server exports, declared once (SPEC §5).
+
+Served by prometheus_client's own HTTP server; the default registry brings the process collectors.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+# The *_created series double every sample for no use in dashboards or alerts.
+disable_created_metrics()
+
+# 100 µs to 10 s: a 1-row dense call is sub-millisecond, a large CNN batch or a queued request seconds.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+REQUESTS = Counter(
+    "modelserver_requests",
+    "RPCs handled, by model, method and final gRPC status code.",
+    ["model", "method", "code"],
+)
+REQUEST_DURATION = Histogram(
+    "modelserver_request_duration_seconds",
+    "Time from receiving an RPC to its reply, by model and method.",
+    ["model", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+IN_FLIGHT = Gauge(
+    "modelserver_inflight_requests",
+    "Inference requests accepted and not yet answered, by model.",
+    ["model"],
+)
+MODEL_READY = Gauge(
+    "modelserver_model_ready",
+    "1 when the model version is loaded, warmed up and served; 0 otherwise.",
+    ["model", "version"],
+)
+MODEL_LOAD_DURATION = Gauge(
+    "modelserver_model_load_duration_seconds",
+    "Seconds the last load of the model took: export if needed, load and warm-up.",
+    ["model"],
+)
+DEVICE_INFO = Gauge(
+    "modelserver_device_info",
+    "1 for the device models run on (GPU when present, CPU otherwise).",
+    ["device"],
+)
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """Start the /metrics HTTP endpoint in a background thread."""
+    start_http_server(port, addr=host)

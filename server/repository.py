@@ -1,0 +1,145 @@
+"""The model repository: <repository>/<model>/<version>/ SavedModels, written atomically.
+
+A built-in model is exported into a hidden temporary folder, a manifest of its files (size and
+sha256) is written last, and only then is the folder renamed into place: a crash mid-export leaves
+a temporary folder that is never loaded, never a half-written version. A version with a manifest is
+loaded only when every file matches it. A user's own SavedModel (no manifest) is loaded as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "modelserver-manifest.json"
+SAVED_MODEL_FILE = "saved_model.pb"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    version: int
+    path: Path
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest_files(root: Path) -> dict[str, dict[str, object]]:
+    return {
+        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _file_digest(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def is_intact(version_dir: Path) -> bool:
+    """True when a manifest exists and every file it lists is present with the same size and hash."""
+    manifest_path = version_dir / MANIFEST
+    if not manifest_path.is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        return manifest["files"] == _manifest_files(version_dir)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def export_saved_model(model: keras.Model, version_dir: Path, seed: int) -> None:
+    """Export a Keras model as a SavedModel whose serving signature keeps input and output names."""
+    import keras
+    import tensorflow as tf
+
+    version_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = version_dir.parent / f".tmp-{version_dir.name}-{uuid.uuid4().hex}"
+    input_signature = {
+        t.name: tf.TensorSpec((None, *t.shape[1:]), tf.dtypes.as_dtype(t.dtype), name=t.name)
+        for t in model.inputs
+    }
+    output_names = list(model.output_names)
+
+    def serve(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        # A single-input model takes its tensor itself, not a one-entry dict.
+        outputs = model(inputs if len(inputs) > 1 else next(iter(inputs.values())))
+        if not isinstance(outputs, (list, tuple)):
+            outputs = [outputs]
+        # Returning a dict keeps the output names in the signature (SPEC §11).
+        return dict(zip(output_names, outputs, strict=True))
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve, input_signature=[input_signature])
+    try:
+        archive.write_out(str(staging), verbose=False)
+        manifest = {
+            "model": version_dir.parent.name,
+            "version": int(version_dir.name),
+            "seed": seed,
+            "files": _manifest_files(staging),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        staging.rename(version_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def ensure_exported(
+    repository: Path, name: str, version: int, build: Callable[[int], keras.Model], seed: int
+) -> bool:
+    """Export a built-in model unless an intact copy of that version is already there.
+
+    Returns True when it exported. A damaged copy is moved aside (kept for inspection) and rebuilt.
+    """
+    version_dir = repository / name / str(version)
+    if is_intact(version_dir):
+        return False
+    if version_dir.exists():
+        damaged = version_dir.parent / f".damaged-{version}-{uuid.uuid4().hex}"
+        log.warning(
+            "model %s version %d is not intact; moving it to %s and exporting again", name, version, damaged
+        )
+        version_dir.rename(damaged)
+    export_saved_model(build(seed), version_dir, seed)
+    return True
+
+
+def discover(repository: Path) -> dict[str, list[ModelVersion]]:
+    """Every loadable model version in the repository, by model name, versions ascending.
+
+    Hidden folders (staging, damaged copies) are skipped, and so is a version whose manifest says
+    it is incomplete.
+    """
+    found: dict[str, list[ModelVersion]] = {}
+    if not repository.is_dir():
+        return found
+    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = []
+        for version_dir in model_dir.iterdir():
+            if not (version_dir.is_dir() and version_dir.name.isdigit()):
+                continue
+            if not (version_dir / SAVED_MODEL_FILE).is_file():
+                continue
+            if (version_dir / MANIFEST).exists() and not is_intact(version_dir):
+                log.error("skipping %s: its files do not match its manifest", version_dir)
+                continue
+            versions.append(ModelVersion(model_dir.name, int(version_dir.name), version_dir))
+        if versions:
+            found[model_dir.name] = sorted(versions, key=lambda v: v.version)
+    return found

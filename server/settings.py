@@ -1,0 +1,152 @@
+"""The one settings object: command-line flags over MODELSERVER_* environment variables over defaults.
+
+Every field documents itself (its help text feeds --help) and is validated at startup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MODELSERVER_"
+MIB = 1 << 20
+
+
+def _setting(default: Any, help: str, parse: Callable[[str], Any] = str) -> Any:
+    return field(default=default, metadata={"help": help, "parse": parse})
+
+
+def _optional_path(value: str) -> Path | None:
+    return Path(value) if value else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "Address the gRPC and metrics servers listen on (0.0.0.0 for all).")
+    grpc_port: int = _setting(50051, "gRPC port; 0 picks a free port (logged at startup).", int)
+    metrics_port: int = _setting(8000, "Prometheus /metrics HTTP port; 0 disables metrics.", int)
+    model_repository: Path = _setting(
+        Path("model_repository"),
+        "Model repository folder: <repository>/<model>/<version>/ SavedModels. Built-in models are "
+        "exported here at startup when missing.",
+        Path,
+    )
+    grace_period: float = _setting(
+        30.0, "Seconds to finish accepted requests after SIGTERM/SIGINT before exiting.", float
+    )
+    max_receive_message_bytes: int = _setting(
+        16 * MIB, "Largest request message accepted; larger ones get RESOURCE_EXHAUSTED.", int
+    )
+    max_send_message_bytes: int = _setting(16 * MIB, "Largest response message the server sends.", int)
+    tls_cert_file: Path | None = _setting(
+        None, "PEM certificate chain; enables TLS with --tls-key-file.", _optional_path
+    )
+    tls_key_file: Path | None = _setting(None, "PEM private key for --tls-cert-file.", _optional_path)
+    tls_client_ca_file: Path | None = _setting(
+        None,
+        "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).",
+        _optional_path,
+    )
+    seed: int = _setting(
+        1234, "Seed for the built-in models' weights: the same seed gives the same weights.", int
+    )
+    inference_threads: int = _setting(2, "Threads that run model calls, off the event loop.", int)
+    intra_op_threads: int = _setting(
+        0, "TensorFlow intra-op threads per model call; 0 = TensorFlow's default.", int
+    )
+    inter_op_threads: int = _setting(0, "TensorFlow inter-op threads; 0 = TensorFlow's default.", int)
+    log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.", str.upper)
+
+    def validate(self) -> list[str]:
+        """Every problem with these settings, each as a message naming the setting; empty when valid."""
+        problems = []
+        for name in ("grpc_port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"{name} must be between 0 and 65535, got {getattr(self, name)}")
+        if self.grace_period < 0:
+            problems.append(f"grace_period must be >= 0 seconds, got {self.grace_period}")
+        for name in ("max_receive_message_bytes", "max_send_message_bytes", "inference_threads"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("intra_op_threads", "inter_op_threads"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (0 = TensorFlow's default), got {getattr(self, name)}")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            problems.append("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            problems.append("tls_client_ca_file needs tls_cert_file and tls_key_file (mutual TLS)")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                problems.append(f"{name}: no such file {path}")
+        if self.model_repository.exists() and not self.model_repository.is_dir():
+            problems.append(f"model_repository {self.model_repository} exists and is not a folder")
+        return problems
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve the models of a model repository over gRPC, with health, reflection and metrics. "
+        f"Every flag can also be set by the environment variable named beside it ({ENV_PREFIX}*); "
+        "a flag wins over its variable.",
+    )
+    for f in dataclasses.fields(Settings):
+        default = "unset" if f.default is None else f.default
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            default=None,
+            metavar=f.name.split("_")[-1].upper(),
+            help=f"{f.metadata['help']} [env {_env(f.name)}; default: {default}]",
+        )
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Parse flags and environment into validated Settings; exits with status 2 and a clear message otherwise."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw, source = getattr(args, f.name), _flag(f.name)
+        if raw is None and _env(f.name) in environ:
+            raw, source = environ[_env(f.name)], _env(f.name)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = f.metadata["parse"](raw)
+        except ValueError:
+            parser.error(f"{source}={raw!r} is not a valid {f.type}: {f.metadata['help']}")
+    settings = Settings(**values)
+    problems = settings.validate()
+    if problems:
+        parser.error("invalid settings:\n  " + "\n  ".join(problems))
+    return settings
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # TensorFlow logs every SavedModel write at INFO through its own handler; keep its warnings only.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
