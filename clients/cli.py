@@ -15,18 +15,14 @@ from clients.client import TYPED_MODELS, ModelServerClient
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clients", description="modelserver command-line client.")
-    parser.add_argument(
-        "--target", default="127.0.0.1:50051", help="server address HOST:PORT (default: %(default)s)"
-    )
+    parser.add_argument("--target", default="127.0.0.1:50051", help="server address HOST:PORT (default: %(default)s)")
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="deadline per call in seconds (default: %(default)s)"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
     health = commands.add_parser("health", help="print the health status; exit 0 when SERVING, 1 otherwise")
-    health.add_argument(
-        "--service", default="", help="a model name or gRPC service name (default: the whole server)"
-    )
+    health.add_argument("--service", default="", help="a model name or gRPC service name (default: the whole server)")
 
     predict = commands.add_parser("predict", help="run a prediction and print {output name: rows} as JSON")
     predict.add_argument("model", choices=sorted(TYPED_MODELS))
@@ -67,9 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 outputs = client.predict(args.model, inputs, version=args.version)
                 _print_json({name: value.tolist() for name, value in outputs.items()})
             elif args.command == "metadata":
-                _print_json(
-                    MessageToDict(client.metadata(args.model, args.version), preserving_proto_field_name=True)
-                )
+                _print_json(MessageToDict(client.metadata(args.model, args.version), preserving_proto_field_name=True))
             elif args.command == "list":
                 _print_json(MessageToDict(client.list_models(), preserving_proto_field_name=True))
         except grpc.RpcError as error:

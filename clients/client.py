@@ -118,9 +118,7 @@ class ModelServerClient:
     ) -> None:
         options = channel_options(retries, max_message_bytes)
         self._channel = (
-            grpc.secure_channel(target, credentials, options)
-            if credentials
-            else grpc.insecure_channel(target, options)
+            grpc.secure_channel(target, credentials, options) if credentials else grpc.insecure_channel(target, options)
         )
         self._stub = pb_grpc.ModelServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -152,9 +150,7 @@ class ModelServerClient:
     def predict_residual_cnn(self, image: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         return self.predict("residual_cnn", {"image": image}, **kwargs)
 
-    def metadata(
-        self, model: str, version: int = 0, timeout: float | None = None
-    ) -> pb.GetModelMetadataResponse:
+    def metadata(self, model: str, version: int = 0, timeout: float | None = None) -> pb.GetModelMetadataResponse:
         request = pb.GetModelMetadataRequest(name=model, version=version)
         return self._stub.GetModelMetadata(request, timeout=timeout or self.timeout)
 
@@ -214,9 +210,7 @@ class AsyncModelServerClient:
     async def predict_residual_cnn(self, image: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         return await self.predict("residual_cnn", {"image": image}, **kwargs)
 
-    async def metadata(
-        self, model: str, version: int = 0, timeout: float | None = None
-    ) -> pb.GetModelMetadataResponse:
+    async def metadata(self, model: str, version: int = 0, timeout: float | None = None) -> pb.GetModelMetadataResponse:
         request = pb.GetModelMetadataRequest(name=model, version=version)
         return await self._stub.GetModelMetadata(request, timeout=timeout or self.timeout)
 

@@ -74,7 +74,7 @@ async def _load_all(
     for name, versions in found.items():
         await health_servicer.set(name, NOT_SERVING)
         metrics.MODEL_READY.labels(name, str(versions[-1].version)).set(0)
-    for name, versions in found.items():
+    for versions in found.values():
         runtime = await loop.run_in_executor(executor, _load_model, versions, device)
         core.add_model(runtime, tuple(v.version for v in versions))
     core.start_serving()
@@ -135,9 +135,7 @@ async def serve(settings: Settings) -> int:
             return 1
         log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     await server.start()
-    log.info(
-        "gRPC listening on %s:%d (%s)", settings.host, port, "TLS" if settings.tls_enabled else "plaintext"
-    )
+    log.info("gRPC listening on %s:%d (%s)", settings.host, port, "TLS" if settings.tls_enabled else "plaintext")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -108,9 +108,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
             request.version,
             {"input_a": _floats(request.input_a), "input_b": _floats(request.input_b)},
         )
-        return pb.PredictMultiInputResponse(
-            output=result.outputs["output"].ravel().tolist(), version=result.version
-        )
+        return pb.PredictMultiInputResponse(output=result.outputs["output"].ravel().tolist(), version=result.version)
 
     @_rpc("PredictSharedLayer", lambda self, request: "shared_layer")
     async def PredictSharedLayer(
@@ -131,9 +129,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
     async def PredictResidualCnn(
         self, request: pb.PredictResidualCnnRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResidualCnnResponse:
-        result = await self._core.infer_flat(
-            "residual_cnn", request.version, {"image": _floats(request.image)}
-        )
+        result = await self._core.infer_flat("residual_cnn", request.version, {"image": _floats(request.image)})
         probabilities = result.outputs["probabilities"]
         return pb.PredictResidualCnnResponse(
             probabilities=probabilities.ravel().tolist(),

@@ -35,9 +35,7 @@ class DirectRunner:
     def __init__(self, executor: Executor) -> None:
         self._executor = executor
 
-    async def run(
-        self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int
-    ) -> dict[str, np.ndarray]:
+    async def run(self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         return await asyncio.get_running_loop().run_in_executor(self._executor, runtime.predict, inputs)
 
 
@@ -146,9 +144,7 @@ class InferenceService:
                 self._idle.set()
         return InferenceResult(runtime.version, outputs)
 
-    async def infer_flat(
-        self, name: str, version: int, flat_inputs: Mapping[str, np.ndarray]
-    ) -> InferenceResult:
+    async def infer_flat(self, name: str, version: int, flat_inputs: Mapping[str, np.ndarray]) -> InferenceResult:
         """Like infer, for flat row-major arrays (packed proto fields), reshaped by the model's specs."""
         self._check_accepting()
         runtime = self.resolve(name, version)

@@ -70,8 +70,7 @@ def export_saved_model(model: keras.Model, version_dir: Path, seed: int) -> None
     version_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = version_dir.parent / f".tmp-{version_dir.name}-{uuid.uuid4().hex}"
     input_signature = {
-        t.name: tf.TensorSpec((None, *t.shape[1:]), tf.dtypes.as_dtype(t.dtype), name=t.name)
-        for t in model.inputs
+        t.name: tf.TensorSpec((None, *t.shape[1:]), tf.dtypes.as_dtype(t.dtype), name=t.name) for t in model.inputs
     }
     output_names = list(model.output_names)
 
@@ -100,9 +99,7 @@ def export_saved_model(model: keras.Model, version_dir: Path, seed: int) -> None
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def ensure_exported(
-    repository: Path, name: str, version: int, build: Callable[[int], keras.Model], seed: int
-) -> bool:
+def ensure_exported(repository: Path, name: str, version: int, build: Callable[[int], keras.Model], seed: int) -> bool:
     """Export a built-in model unless an intact copy of that version is already there.
 
     Returns True when it exported. A damaged copy is moved aside (kept for inspection) and rebuilt.
@@ -112,9 +109,7 @@ def ensure_exported(
         return False
     if version_dir.exists():
         damaged = version_dir.parent / f".damaged-{version}-{uuid.uuid4().hex}"
-        log.warning(
-            "model %s version %d is not intact; moving it to %s and exporting again", name, version, damaged
-        )
+        log.warning("model %s version %d is not intact; moving it to %s and exporting again", name, version, damaged)
         version_dir.rename(damaged)
     export_saved_model(build(seed), version_dir, seed)
     return True

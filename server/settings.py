@@ -53,13 +53,9 @@ class Settings:
         "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).",
         _optional_path,
     )
-    seed: int = _setting(
-        1234, "Seed for the built-in models' weights: the same seed gives the same weights.", int
-    )
+    seed: int = _setting(1234, "Seed for the built-in models' weights: the same seed gives the same weights.", int)
     inference_threads: int = _setting(2, "Threads that run model calls, off the event loop.", int)
-    intra_op_threads: int = _setting(
-        0, "TensorFlow intra-op threads per model call; 0 = TensorFlow's default.", int
-    )
+    intra_op_threads: int = _setting(0, "TensorFlow intra-op threads per model call; 0 = TensorFlow's default.", int)
     inter_op_threads: int = _setting(0, "TensorFlow inter-op threads; 0 = TensorFlow's default.", int)
     log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.", str.upper)
 

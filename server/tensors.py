@@ -61,22 +61,18 @@ def validate_inputs(model: str, specs: Mapping[str, TensorSpec], inputs: Mapping
     unknown = sorted(set(inputs) - set(specs))
     if unknown:
         raise InvalidInputError(
-            f"model '{model}' has no input named {', '.join(repr(n) for n in unknown)}; "
-            f"expected inputs: {expected}"
+            f"model '{model}' has no input named {', '.join(repr(n) for n in unknown)}; expected inputs: {expected}"
         )
     missing = sorted(set(specs) - set(inputs))
     if missing:
         raise InvalidInputError(
-            f"model '{model}' is missing input {', '.join(repr(n) for n in missing)}; "
-            f"expected inputs: {expected}"
+            f"model '{model}' is missing input {', '.join(repr(n) for n in missing)}; expected inputs: {expected}"
         )
     rows: dict[str, int] = {}
     for name, spec in specs.items():
         array = inputs[name]
         if array.dtype != spec.dtype:
-            raise InvalidInputError(
-                f"model '{model}' input '{name}' must be {spec.dtype.name}, got {array.dtype.name}"
-            )
+            raise InvalidInputError(f"model '{model}' input '{name}' must be {spec.dtype.name}, got {array.dtype.name}")
         shape_ok = array.ndim == len(spec.shape) + 1 and all(
             want is None or want == got for want, got in zip(spec.shape, array.shape[1:], strict=True)
         )
