@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from server import metrics
 from server.errors import ModelNotFoundError, UnavailableError
 from server.runtime import ModelRuntime
 from server.tensors import TensorSpec, rows_from_flat, validate_inputs
@@ -136,9 +137,12 @@ class InferenceService:
         rows = validate_inputs(name, runtime.inputs, inputs)
         self._in_flight += 1
         self._idle.clear()
+        in_flight = metrics.IN_FLIGHT.labels(name)
+        in_flight.inc()
         try:
             outputs = await self._runner.run(runtime, inputs, rows)
         finally:
+            in_flight.dec()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()

@@ -1,0 +1,128 @@
+"""The built-in models and their SavedModel export (in-process, no server)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.registry import BUILTIN_MODELS
+from server import repository
+from server.runtime import ModelRuntime
+
+EXPECTED_SIGNATURES = {
+    "multi_input": ({"input_a": (10,), "input_b": (20,)}, {"output": (1,)}),
+    "shared_layer": ({"input_a": (10,), "input_b": (20,)}, {"output_a": (1,), "output_b": (1,)}),
+    "residual_cnn": ({"image": (28, 28, 1)}, {"probabilities": (10,)}),
+}
+
+
+def random_inputs(model, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {t.name: rng.random((rows, *t.shape[1:]), dtype=np.float32) for t in model.inputs}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SIGNATURES))
+def test_input_and_output_names_and_shapes(keras_models, name):
+    model = keras_models[name]
+    inputs, outputs = EXPECTED_SIGNATURES[name]
+    assert {t.name: tuple(t.shape[1:]) for t in model.inputs} == inputs
+    assert dict(zip(model.output_names, (tuple(t.shape[1:]) for t in model.outputs), strict=True)) == outputs
+
+
+def test_shared_layer_weights_exist_once():
+    model = BUILTIN_MODELS["shared_layer"].build(1234)  # its own copy: this test changes weights
+    assert [layer.name for layer in model.layers].count("shared_layer") == 1
+    shared = model.get_layer("shared_layer")
+    assert shared.count_params() == 16 * 16 + 16
+    # projections 10->16 and 20->16, the shared 16->16 once, two 16->1 heads.
+    assert model.count_params() == (10 * 16 + 16) + (20 * 16 + 16) + (16 * 16 + 16) + 2 * (16 + 1)
+    assert sum(1 for w in model.weights if "shared_layer" in w.path) == 2  # one kernel, one bias
+    # Both branches run through that one layer: zero it and both heads lose all dependence on their input.
+    shared.set_weights([np.zeros_like(w) for w in shared.get_weights()])
+    out_a, out_b = model(random_inputs(model, 5))
+    assert np.ptp(np.asarray(out_a)) == 0 and np.ptp(np.asarray(out_b)) == 0
+
+
+def test_residual_cnn_adds_maps_of_equal_shape(keras_models):
+    model = keras_models["residual_cnn"]
+    assert tuple(model.get_layer("conv_3").output.shape) == tuple(model.get_layer("conv_2").output.shape)
+    assert tuple(model.get_layer("add").output.shape) == (None, 24, 24, 32)
+
+
+def test_softmax_and_sigmoid_ranges(keras_models):
+    probabilities = np.asarray(keras_models["residual_cnn"](random_inputs(keras_models["residual_cnn"], 4)["image"]))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    output = np.asarray(keras_models["multi_input"](random_inputs(keras_models["multi_input"], 4)))
+    assert ((output > 0) & (output < 1)).all()
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_same_seed_same_weights_other_seed_other_weights(keras_models, name):
+    build = BUILTIN_MODELS[name].build
+    again, other = build(1234), build(99)
+    for a, b in zip(keras_models[name].get_weights(), again.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(keras_models[name].get_weights(), other.get_weights(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_exported_signature_matches_keras(keras_models, tmp_path, name):
+    model = keras_models[name]
+    version_dir = tmp_path / name / "1"
+    repository.export_saved_model(model, version_dir, seed=1234)
+    assert repository.is_intact(version_dir)
+    runtime = ModelRuntime(name, 1, version_dir, "/device:CPU:0")
+    inputs, outputs = EXPECTED_SIGNATURES[name]
+    assert {n: s.shape for n, s in runtime.inputs.items()} == inputs
+    assert {n: s.shape for n, s in runtime.outputs.items()} == outputs
+    for rows in (1, 7):
+        x = random_inputs(model, rows, seed=rows)
+        served = runtime.predict(x)
+        expected = model(x if len(x) > 1 else x["image"])
+        expected = expected if isinstance(expected, list) else [expected]
+        for output_name, value in zip(model.output_names, expected, strict=True):
+            np.testing.assert_allclose(served[output_name], np.asarray(value), atol=1e-6)
+
+
+def test_export_is_skipped_when_intact_and_redone_when_damaged(tmp_path):
+    definition = BUILTIN_MODELS["multi_input"]
+    built = []
+
+    def build(seed):
+        built.append(seed)
+        return definition.build(seed)
+
+    assert repository.ensure_exported(tmp_path, "multi_input", 1, build, 1234)
+    marker = tmp_path / "multi_input" / "1" / repository.MANIFEST
+    first_export = marker.stat().st_mtime_ns
+    assert not repository.ensure_exported(tmp_path, "multi_input", 1, build, 1234)
+    assert built == [1234] and marker.stat().st_mtime_ns == first_export
+
+    # A damaged file: the version is moved aside and exported again.
+    variables = next((tmp_path / "multi_input" / "1" / "variables").glob("*.data*"))
+    variables.write_bytes(b"garbage")
+    assert not repository.is_intact(tmp_path / "multi_input" / "1")
+    assert repository.discover(tmp_path) == {}
+    assert repository.ensure_exported(tmp_path, "multi_input", 1, build, 1234)
+    assert built == [1234, 1234]
+    assert repository.is_intact(tmp_path / "multi_input" / "1")
+    assert [p.name.startswith(".damaged-1-") for p in (tmp_path / "multi_input").iterdir()].count(True) == 1
+
+
+def test_discover_skips_half_written_and_takes_user_models(tmp_path, keras_models):
+    repository.export_saved_model(keras_models["multi_input"], tmp_path / "multi_input" / "3", seed=1234)
+    # An export interrupted before its rename, and a folder that is not a version.
+    (tmp_path / "multi_input" / ".tmp-4-abc").mkdir()
+    (tmp_path / "multi_input" / ".tmp-4-abc" / "saved_model.pb").write_bytes(b"")
+    (tmp_path / "multi_input" / "notes").mkdir()
+    # A user's own SavedModel, copied in without a manifest.
+    user = tmp_path / "my_model" / "2"
+    repository.export_saved_model(keras_models["shared_layer"], user, seed=1)
+    (user / repository.MANIFEST).unlink()
+    found = repository.discover(tmp_path)
+    assert {name: [v.version for v in versions] for name, versions in found.items()} == {
+        "multi_input": [3],
+        "my_model": [2],
+    }
