@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from clients.client import ModelServerClient
+from clients.client import AsyncModelServerClient, ModelServerClient
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 from tests.test_models import random_inputs
@@ -197,3 +199,19 @@ def test_model_and_process_metrics(server):
         assert server.metric("modelserver_model_load_duration_seconds", model=name) > 0
     assert server.metric("modelserver_device_info", device="/device:CPU:0") == 1
     assert server.metric("process_resident_memory_bytes") > 100e6
+
+
+def test_async_client_serves_concurrent_callers_their_own_rows(server, keras_models):
+    model = keras_models["shared_layer"]
+    batches = [random_inputs(model, 3, seed=i) for i in range(8)]
+
+    async def call_all() -> tuple[list[dict[str, np.ndarray]], str]:
+        async with AsyncModelServerClient(server.target, retries=0) as async_client:
+            results = await asyncio.gather(*(async_client.predict_shared_layer(**x) for x in batches))
+            return list(results), await async_client.health("shared_layer")
+
+    results, health = asyncio.run(call_all())
+    assert health == "SERVING"
+    for inputs, served in zip(batches, results, strict=True):
+        for name, value in keras_outputs(model, inputs).items():
+            np.testing.assert_allclose(served[name], value, atol=1e-5)

@@ -1,0 +1,77 @@
+"""Startup and shutdown of a real server process (SPEC §6): UNAVAILABLE while loading, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from clients.client import ModelServerClient
+from tests.serverproc import ServerProcess
+from tests.test_api import keras_outputs, rpc_error
+from tests.test_models import random_inputs
+
+IN_FLIGHT = 6
+ROWS = 1500  # a residual_cnn call of this size takes a noticeable time, so requests queue up in the server
+
+
+def test_unavailable_while_loading_then_drain_on_sigterm(tmp_path, keras_models):
+    # A fresh repository: the server exports the models first, so it is reachable but not ready for a while.
+    server = ServerProcess(tmp_path, ["--grace-period", "30", "--inference-threads", "1"])
+    try:
+        with ModelServerClient(server.target, retries=0, timeout=60) as client:
+            small = random_inputs(keras_models["multi_input"], 1)
+            error = rpc_error(client.predict, "multi_input", small)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert "starting" in error.details()
+            assert server.health() == "NOT_SERVING"
+            server.wait_serving()
+
+            images = [random_inputs(keras_models["residual_cnn"], ROWS, seed=i) for i in range(IN_FLIGHT)]
+            results: list[dict | grpc.RpcError | None] = [None] * IN_FLIGHT
+
+            def call(i: int) -> None:
+                try:
+                    results[i] = client.predict("residual_cnn", images[i])
+                except grpc.RpcError as rpc_error_:
+                    results[i] = rpc_error_
+
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(IN_FLIGHT)]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 60
+            while server.metric("modelserver_inflight_requests", model="residual_cnn") < IN_FLIGHT:
+                assert time.monotonic() < deadline, "requests never all reached the server"
+                time.sleep(0.005)
+
+            server.process.send_signal(signal.SIGTERM)
+            while server.health() != "NOT_SERVING":
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            assert server.metric("modelserver_inflight_requests", model="residual_cnn") > 0, "drain already over"
+            refused = rpc_error(client.predict, "multi_input", small)
+            assert refused.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in refused.details()
+
+            for thread in threads:
+                thread.join(60)
+        assert server.process.wait(60) == 0
+        for i, result in enumerate(results):
+            assert isinstance(result, dict), f"accepted request {i} was lost: {result}"
+            expected = keras_outputs(keras_models["residual_cnn"], images[i])["probabilities"]
+            np.testing.assert_allclose(result["probabilities"], expected, atol=1e-5)
+        assert "stopped" in server.log_text()
+    finally:
+        server.kill()
+
+
+def test_sigint_on_an_idle_server_exits_zero(model_repository):
+    server = ServerProcess(model_repository)
+    try:
+        server.wait_serving()
+        assert server.stop(signal.SIGINT) == 0
+    finally:
+        server.kill()

@@ -1,0 +1,51 @@
+"""Settings: flags over MODELSERVER_* variables over defaults, validated with messages that name the setting."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from server.settings import Settings, build_parser, parse_settings
+
+
+def test_defaults():
+    settings = parse_settings([], environ={})
+    assert (settings.host, settings.grpc_port, settings.metrics_port) == ("127.0.0.1", 50051, 8000)
+    assert settings.model_repository == Path("model_repository")
+    assert settings.grace_period == 30.0 and not settings.tls_enabled
+
+
+def test_environment_then_flags_win():
+    environ = {"MODELSERVER_GRPC_PORT": "6000", "MODELSERVER_GRACE_PERIOD": "2.5", "MODELSERVER_LOG_LEVEL": "debug"}
+    settings = parse_settings([], environ=environ)
+    assert (settings.grpc_port, settings.grace_period, settings.log_level) == (6000, 2.5, "DEBUG")
+    assert parse_settings(["--grpc-port", "7000"], environ=environ).grpc_port == 7000
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--grpc-port", "70000"], {}, "grpc_port must be between 0 and 65535, got 70000"),
+        ([], {"MODELSERVER_METRICS_PORT": "eight"}, "MODELSERVER_METRICS_PORT='eight' is not a valid int"),
+        (["--grace-period", "-1"], {}, "grace_period must be >= 0 seconds"),
+        (["--max-receive-message-bytes", "0"], {}, "max_receive_message_bytes must be >= 1"),
+        (["--tls-cert-file", "/etc/hostname"], {}, "tls_cert_file and tls_key_file must be set together"),
+        (["--tls-cert-file", "/no/cert", "--tls-key-file", "/no/key"], {}, "tls_cert_file: no such file /no/cert"),
+        (["--log-level", "chatty"], {}, "log_level must be DEBUG, INFO, WARNING or ERROR"),
+        (["--model-repository", "/etc/hostname"], {}, "exists and is not a folder"),
+    ],
+)
+def test_bad_values_exit_2_with_a_clear_message(capsys, argv, environ, message):
+    with pytest.raises(SystemExit) as caught:
+        parse_settings(argv, environ=environ)
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_documents_every_setting():
+    text = build_parser().format_help()
+    for field in dataclasses.fields(Settings):
+        assert "--" + field.name.replace("_", "-") in text
+        assert "MODELSERVER_" + field.name.upper() in text
