@@ -15,9 +15,10 @@ from grpc_reflection.v1alpha import reflection
 from models.registry import BUILTIN_MODELS
 from modelserver.v1 import modelserver_pb2, modelserver_pb2_grpc
 from server import metrics, repository
+from server.batching import Batcher
 from server.device import select_device
 from server.grpc_service import ModelService
-from server.inference import DirectRunner, InferenceService
+from server.inference import InferenceService
 from server.runtime import ModelRuntime
 from server.settings import Settings
 
@@ -28,12 +29,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _load_model(versions: list[repository.ModelVersion], device: str) -> ModelRuntime:
-    """Load the latest version of one model and warm it up (blocking; runs on the executor)."""
+def _load_model(versions: list[repository.ModelVersion], device: str, batcher: Batcher) -> ModelRuntime:
+    """Load the latest version of one model and warm up every batch size (blocking; runs on the executor)."""
     latest = versions[-1]
     started = time.perf_counter()
     runtime = ModelRuntime(latest.name, latest.version, latest.path, device)
-    runtime.warm_up()
+    batcher.warm_up(runtime)
     metrics.MODEL_LOAD_DURATION.labels(latest.name).set(time.perf_counter() - started)
     log.info(
         "loaded %s version %d from %s in %.2fs",
@@ -66,6 +67,7 @@ def _prepare_repository(settings: Settings) -> tuple[str, dict[str, list[reposit
 async def _load_all(
     settings: Settings,
     core: InferenceService,
+    batcher: Batcher,
     health_servicer: health.aio.HealthServicer,
     executor: ThreadPoolExecutor,
 ) -> None:
@@ -75,8 +77,8 @@ async def _load_all(
         await health_servicer.set(name, NOT_SERVING)
         metrics.MODEL_READY.labels(name, str(versions[-1].version)).set(0)
     for versions in found.values():
-        runtime = await loop.run_in_executor(executor, _load_model, versions, device)
-        core.add_model(runtime, tuple(v.version for v in versions))
+        runtime = await loop.run_in_executor(executor, _load_model, versions, device, batcher)
+        core.add_model(runtime, tuple(v.version for v in versions), settings.batching_for(runtime.name))
     core.start_serving()
     for name, versions in found.items():
         metrics.MODEL_READY.labels(name, str(versions[-1].version)).set(1)
@@ -100,7 +102,8 @@ async def serve(settings: Settings) -> int:
     started = time.perf_counter()
     settings.model_repository.mkdir(parents=True, exist_ok=True)
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="model")
-    core = InferenceService(DirectRunner(executor))
+    batcher = Batcher(executor, settings.batching_for)
+    core = InferenceService(batcher)
     health_servicer = health.aio.HealthServicer()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, NOT_SERVING)
@@ -142,7 +145,7 @@ async def serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    loading = asyncio.create_task(_load_all(settings, core, health_servicer, executor))
+    loading = asyncio.create_task(_load_all(settings, core, batcher, health_servicer, executor))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0

@@ -60,6 +60,12 @@ def _rpc(method: str, model: Callable[[Any, Any], str]) -> Callable[[Handler], H
     return decorate
 
 
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the time.monotonic() clock, or None when the caller set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 def _floats(field: Any) -> np.ndarray:
     return np.fromiter(field, dtype=np.float32, count=len(field))
 
@@ -83,9 +89,11 @@ def metadata_message(meta: ModelMetadata) -> pb.GetModelMetadataResponse:
         batching=pb.BatchingSettings(
             enabled=b.enabled,
             max_batch_size=b.max_batch_size,
-            batch_timeout_seconds=b.batch_timeout_seconds,
+            batch_timeout_seconds=b.batch_timeout,
             max_queued_rows=b.max_queued_rows,
             allowed_batch_sizes=b.allowed_batch_sizes,
+            policy=b.policy,
+            max_batches_in_flight=b.max_batches_in_flight,
         ),
         ready=meta.ready,
     )
@@ -107,6 +115,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
             "multi_input",
             request.version,
             {"input_a": _floats(request.input_a), "input_b": _floats(request.input_b)},
+            _deadline(context),
         )
         return pb.PredictMultiInputResponse(output=result.outputs["output"].ravel().tolist(), version=result.version)
 
@@ -118,6 +127,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
             "shared_layer",
             request.version,
             {"input_a": _floats(request.input_a), "input_b": _floats(request.input_b)},
+            _deadline(context),
         )
         return pb.PredictSharedLayerResponse(
             output_a=result.outputs["output_a"].ravel().tolist(),
@@ -129,7 +139,9 @@ class ModelService(pb_grpc.ModelServiceServicer):
     async def PredictResidualCnn(
         self, request: pb.PredictResidualCnnRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResidualCnnResponse:
-        result = await self._core.infer_flat("residual_cnn", request.version, {"image": _floats(request.image)})
+        result = await self._core.infer_flat(
+            "residual_cnn", request.version, {"image": _floats(request.image)}, _deadline(context)
+        )
         probabilities = result.outputs["probabilities"]
         return pb.PredictResidualCnnResponse(
             probabilities=probabilities.ravel().tolist(),

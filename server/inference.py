@@ -1,8 +1,8 @@
 """The transport-free core: resolves models, validates requests, runs them, tracks in-flight work.
 
-gRPC servicers call this and only convert messages; nothing here imports grpc. A runner decides how
-validated inputs reach the model (directly on an executor, or through a batcher), so batching can sit
-between this core and the model runtime without changing either.
+gRPC servicers call this and only convert messages; nothing here imports grpc. A runner (the
+batcher) decides how validated inputs reach the model, so batching sits between this core and the model
+runtime without either knowing of it.
 """
 
 from __future__ import annotations
@@ -10,49 +10,33 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Mapping
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from server import metrics
-from server.errors import ModelNotFoundError, UnavailableError
+from server.batching import BatchingConfig
+from server.errors import InvalidInputError, ModelNotFoundError, UnavailableError
 from server.runtime import ModelRuntime
 from server.tensors import TensorSpec, rows_from_flat, validate_inputs
 
 
 class Runner(Protocol):
-    """Runs validated inputs of `rows` rows on a model and returns its outputs."""
+    """Runs validated inputs of `rows` rows on a model and returns its outputs (server.batching.Batcher).
+
+    `deadline` is a time.monotonic() value; work whose deadline has passed must not reach the model.
+    """
 
     async def run(
-        self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int
+        self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None = None
     ) -> dict[str, np.ndarray]: ...
-
-
-class DirectRunner:
-    """Each request is its own model call, on a dedicated executor so the event loop never blocks."""
-
-    def __init__(self, executor: Executor) -> None:
-        self._executor = executor
-
-    async def run(self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, runtime.predict, inputs)
 
 
 class Phase(enum.Enum):
     STARTING = "starting"
     SERVING = "serving"
     DRAINING = "draining"
-
-
-@dataclass(frozen=True)
-class BatchingInfo:
-    enabled: bool = False
-    max_batch_size: int = 0
-    batch_timeout_seconds: float = 0.0
-    max_queued_rows: int = 0
-    allowed_batch_sizes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,7 +48,7 @@ class ModelMetadata:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     device: str
-    batching: BatchingInfo
+    batching: BatchingConfig
     ready: bool
 
 
@@ -72,7 +56,7 @@ class ModelMetadata:
 class _Model:
     runtimes: dict[int, ModelRuntime] = field(default_factory=dict)
     versions_on_disk: tuple[int, ...] = ()
-    batching: BatchingInfo = BatchingInfo()
+    batching: BatchingConfig = field(default_factory=lambda: BatchingConfig(enabled=False))
 
 
 @dataclass(frozen=True)
@@ -96,7 +80,7 @@ class InferenceService:
         self,
         runtime: ModelRuntime,
         versions_on_disk: tuple[int, ...],
-        batching: BatchingInfo = BatchingInfo(),
+        batching: BatchingConfig,
     ) -> None:
         model = self._models.setdefault(runtime.name, _Model())
         model.runtimes[runtime.version] = runtime
@@ -130,17 +114,26 @@ class InferenceService:
             )
         return runtime
 
-    async def infer(self, name: str, version: int, inputs: Mapping[str, np.ndarray]) -> InferenceResult:
-        """Validate and run one request; raises a ServingError subclass for anything the caller must fix."""
+    async def infer(
+        self, name: str, version: int, inputs: Mapping[str, np.ndarray], deadline: float | None = None
+    ) -> InferenceResult:
+        """Validate and run one request; raises a ServingError subclass for anything the caller must fix.
+
+        `deadline` is a time.monotonic() value after which the request is no longer worth running.
+        """
         self._check_accepting()
         runtime = self.resolve(name, version)
-        rows = validate_inputs(name, runtime.inputs, inputs)
+        try:
+            rows = validate_inputs(name, runtime.inputs, inputs)
+        except InvalidInputError:
+            metrics.REJECTED.labels(name, "invalid").inc()
+            raise
         self._in_flight += 1
         self._idle.clear()
         in_flight = metrics.IN_FLIGHT.labels(name)
         in_flight.inc()
         try:
-            outputs = await self._runner.run(runtime, inputs, rows)
+            outputs = await self._runner.run(runtime, inputs, rows, deadline)
         finally:
             in_flight.dec()
             self._in_flight -= 1
@@ -148,15 +141,21 @@ class InferenceService:
                 self._idle.set()
         return InferenceResult(runtime.version, outputs)
 
-    async def infer_flat(self, name: str, version: int, flat_inputs: Mapping[str, np.ndarray]) -> InferenceResult:
+    async def infer_flat(
+        self, name: str, version: int, flat_inputs: Mapping[str, np.ndarray], deadline: float | None = None
+    ) -> InferenceResult:
         """Like infer, for flat row-major arrays (packed proto fields), reshaped by the model's specs."""
         self._check_accepting()
         runtime = self.resolve(name, version)
-        inputs = {
-            key: rows_from_flat(name, runtime.inputs[key], value) if key in runtime.inputs else value
-            for key, value in flat_inputs.items()
-        }
-        return await self.infer(name, version, inputs)
+        try:
+            inputs = {
+                key: rows_from_flat(name, runtime.inputs[key], value) if key in runtime.inputs else value
+                for key, value in flat_inputs.items()
+            }
+        except InvalidInputError:
+            metrics.REJECTED.labels(name, "invalid").inc()
+            raise
+        return await self.infer(name, version, inputs, deadline)
 
     # -- introspection ----------------------------------------------------------------------------
 

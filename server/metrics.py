@@ -31,6 +31,39 @@ IN_FLIGHT = Gauge(
     "Inference requests accepted and not yet answered, by model.",
     ["model"],
 )
+QUEUE_DURATION = Histogram(
+    "modelserver_queue_duration_seconds",
+    "Time a request (or a chunk of a split request) waited in the batch queue before its batch ran.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+INFERENCE_DURATION = Histogram(
+    "modelserver_inference_duration_seconds",
+    "Time of one model call on the device, per executed batch.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "modelserver_batch_size_rows",
+    "Request rows per executed model call, before padding.",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+)
+BATCH_PADDING = Counter(
+    "modelserver_batch_padding_rows",
+    "Rows added to reach an allowed batch size; computed and then dropped.",
+    ["model"],
+)
+QUEUE_ROWS = Gauge(
+    "modelserver_queue_rows",
+    "Rows waiting in the model's batch queue.",
+    ["model"],
+)
+REJECTED = Counter(
+    "modelserver_rejected_requests",
+    "Requests that never reached the model, by reason: queue_full, deadline, cancelled, invalid.",
+    ["model", "reason"],
+)
 MODEL_READY = Gauge(
     "modelserver_model_ready",
     "1 when the model version is loaded, warmed up and served; 0 otherwise.",

@@ -14,16 +14,62 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.batching import BatchingConfig
+
 ENV_PREFIX = "MODELSERVER_"
 MIB = 1 << 20
 
 
 def _setting(default: Any, help: str, parse: Callable[[str], Any] = str) -> Any:
-    return field(default=default, metadata={"help": help, "parse": parse})
+    metadata = {"help": help, "parse": parse, "default": default}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _optional_path(value: str) -> Path | None:
     return Path(value) if value else None
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _sizes(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in value.split("/") if v)
+
+
+# Per-model override keys (--model-batching) and how each value parses.
+BATCHING_KEYS: dict[str, Callable[[str], Any]] = {
+    "enabled": _bool,
+    "max_batch_size": int,
+    "batch_timeout": float,
+    "max_queued_rows": int,
+    "policy": str,
+    "max_batches_in_flight": int,
+    "allowed_batch_sizes": _sizes,
+}
+
+
+def _model_batching(value: str) -> dict[str, dict[str, Any]]:
+    """Parse 'model:key=value,key=value;model2:key=value' into {model: {key: parsed value}}."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for entry in filter(None, (e.strip() for e in value.split(";"))):
+        model, sep, pairs = entry.partition(":")
+        if not sep or not model.strip():
+            raise ValueError(f"expected MODEL:KEY=VALUE[,KEY=VALUE...], got {entry!r}")
+        settings = overrides.setdefault(model.strip(), {})
+        for pair in filter(None, (p.strip() for p in pairs.split(","))):
+            key, eq, raw = pair.partition("=")
+            if not eq or key.strip() not in BATCHING_KEYS:
+                raise ValueError(f"unknown batching key in {pair!r}; keys: {', '.join(BATCHING_KEYS)}")
+            settings[key.strip()] = BATCHING_KEYS[key.strip()](raw.strip())
+    return overrides
 
 
 @dataclass(frozen=True)
@@ -58,6 +104,29 @@ class Settings:
     intra_op_threads: int = _setting(0, "TensorFlow intra-op threads per model call; 0 = TensorFlow's default.", int)
     inter_op_threads: int = _setting(0, "TensorFlow inter-op threads; 0 = TensorFlow's default.", int)
     log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.", str.upper)
+    batching: bool = _setting(True, "Merge concurrent requests into one model call (default for every model).", _bool)
+    max_batch_size: int = _setting(64, "Rows per model call at most; larger requests are split and reassembled.", int)
+    batch_timeout: float = _setting(
+        0.002, "Seconds the oldest queued request may wait for its batch to fill (an upper bound).", float
+    )
+    max_queued_rows: int = _setting(
+        4096, "Rows queued per model at most; beyond it requests fail at once with RESOURCE_EXHAUSTED.", int
+    )
+    batching_policy: str = _setting(
+        "idle",
+        "'idle': run at once when the model has no batch running, else wait up to --batch-timeout; "
+        "'fixed': always wait for a full batch or --batch-timeout.",
+    )
+    max_batches_in_flight: int = _setting(
+        2, "Batches of one model running at once, so preparing the next overlaps the current one.", int
+    )
+    model_batching: dict[str, dict[str, Any]] = _setting(
+        {},
+        "Per-model overrides of the batching settings: 'MODEL:KEY=VALUE,...;MODEL:...' with keys "
+        + ", ".join(BATCHING_KEYS)
+        + " (allowed_batch_sizes as 1/8/32/64). Example: 'residual_cnn:max_batch_size=128;multi_input:enabled=false'.",
+        _model_batching,
+    )
 
     def validate(self) -> list[str]:
         """Every problem with these settings, each as a message naming the setting; empty when valid."""
@@ -83,9 +152,26 @@ class Settings:
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 problems.append(f"{name}: no such file {path}")
+        for model in ("", *self.model_batching):
+            problems += [
+                f"batching{' for ' + model if model else ''}: {p}" for p in self.batching_for(model).problems()
+            ]
         if self.model_repository.exists() and not self.model_repository.is_dir():
             problems.append(f"model_repository {self.model_repository} exists and is not a folder")
         return problems
+
+    def batching_for(self, model: str) -> BatchingConfig:
+        """The model's batching settings: the global ones with its --model-batching overrides on top."""
+        config: dict[str, Any] = {
+            "enabled": self.batching,
+            "max_batch_size": self.max_batch_size,
+            "batch_timeout": self.batch_timeout,
+            "max_queued_rows": self.max_queued_rows,
+            "policy": self.batching_policy,
+            "max_batches_in_flight": self.max_batches_in_flight,
+        }
+        config.update(self.model_batching.get(model, {}))
+        return BatchingConfig(**config)
 
     @property
     def tls_enabled(self) -> bool:
@@ -108,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         "a flag wins over its variable.",
     )
     for f in dataclasses.fields(Settings):
-        default = "unset" if f.default is None else f.default
+        default = f.metadata["default"]
+        default = "unset" if default in (None, {}) else default
         parser.add_argument(
             _flag(f.name),
             dest=f.name,
@@ -133,8 +220,9 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
             continue
         try:
             values[f.name] = f.metadata["parse"](raw)
-        except ValueError:
-            parser.error(f"{source}={raw!r} is not a valid {f.type}: {f.metadata['help']}")
+        except ValueError as error:
+            detail = f" ({error})" if f.name == "model_batching" else ""
+            parser.error(f"{source}={raw!r} is not valid{detail}: {f.metadata['help']}")
     settings = Settings(**values)
     problems = settings.validate()
     if problems:

@@ -10,6 +10,8 @@ import grpc
 import numpy as np
 
 from clients.client import ModelServerClient
+from modelserver.v1 import modelserver_pb2 as pb
+from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 from tests.serverproc import ServerProcess
 from tests.test_api import keras_outputs, rpc_error
 from tests.test_models import random_inputs
@@ -20,7 +22,9 @@ ROWS = 1500  # a residual_cnn call of this size takes a noticeable time, so requ
 
 def test_unavailable_while_loading_then_drain_on_sigterm(tmp_path, keras_models):
     # A fresh repository: the server exports the models first, so it is reachable but not ready for a while.
-    server = ServerProcess(tmp_path, ["--grace-period", "30", "--inference-threads", "1"])
+    # One model thread and no batching for the CNN: each big request is one long model call, run one at a time.
+    args = ["--grace-period", "30", "--inference-threads", "1", "--model-batching", "residual_cnn:enabled=false"]
+    server = ServerProcess(tmp_path, args)
     try:
         with ModelServerClient(server.target, retries=0, timeout=60) as client:
             small = random_inputs(keras_models["multi_input"], 1)
@@ -30,12 +34,15 @@ def test_unavailable_while_loading_then_drain_on_sigterm(tmp_path, keras_models)
             assert server.health() == "NOT_SERVING"
             server.wait_serving()
 
-            images = [random_inputs(keras_models["residual_cnn"], ROWS, seed=i) for i in range(IN_FLIGHT)]
-            results: list[dict | grpc.RpcError | None] = [None] * IN_FLIGHT
+            images = [random_inputs(keras_models["residual_cnn"], ROWS, seed=i)["image"] for i in range(IN_FLIGHT)]
+            # Built up front, so the calls leave together instead of queueing behind each other's encoding.
+            requests = [pb.PredictResidualCnnRequest(image=image.ravel().tolist()) for image in images]
+            stub = pb_grpc.ModelServiceStub(server.channel)
+            results: list[pb.PredictResidualCnnResponse | grpc.RpcError | None] = [None] * IN_FLIGHT
 
             def call(i: int) -> None:
                 try:
-                    results[i] = client.predict("residual_cnn", images[i])
+                    results[i] = stub.PredictResidualCnn(requests[i], timeout=60)
                 except grpc.RpcError as rpc_error_:
                     results[i] = rpc_error_
 
@@ -60,9 +67,9 @@ def test_unavailable_while_loading_then_drain_on_sigterm(tmp_path, keras_models)
                 thread.join(60)
         assert server.process.wait(60) == 0
         for i, result in enumerate(results):
-            assert isinstance(result, dict), f"accepted request {i} was lost: {result}"
-            expected = keras_outputs(keras_models["residual_cnn"], images[i])["probabilities"]
-            np.testing.assert_allclose(result["probabilities"], expected, atol=1e-5)
+            assert isinstance(result, pb.PredictResidualCnnResponse), f"accepted request {i} was lost: {result}"
+            expected = keras_outputs(keras_models["residual_cnn"], {"image": images[i]})["probabilities"]
+            np.testing.assert_allclose(np.reshape(result.probabilities, (-1, 10)), expected, atol=1e-5)
         assert "stopped" in server.log_text()
     finally:
         server.kill()

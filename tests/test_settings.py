@@ -28,7 +28,7 @@ def test_environment_then_flags_win():
     ("argv", "environ", "message"),
     [
         (["--grpc-port", "70000"], {}, "grpc_port must be between 0 and 65535, got 70000"),
-        ([], {"MODELSERVER_METRICS_PORT": "eight"}, "MODELSERVER_METRICS_PORT='eight' is not a valid int"),
+        ([], {"MODELSERVER_METRICS_PORT": "eight"}, "MODELSERVER_METRICS_PORT='eight' is not valid"),
         (["--grace-period", "-1"], {}, "grace_period must be >= 0 seconds"),
         (["--max-receive-message-bytes", "0"], {}, "max_receive_message_bytes must be >= 1"),
         (["--tls-cert-file", "/etc/hostname"], {}, "tls_cert_file and tls_key_file must be set together"),

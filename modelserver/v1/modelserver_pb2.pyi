@@ -81,18 +81,22 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BatchingSettings(_message.Message):
-    __slots__ = ("enabled", "max_batch_size", "batch_timeout_seconds", "max_queued_rows", "allowed_batch_sizes")
+    __slots__ = ("enabled", "max_batch_size", "batch_timeout_seconds", "max_queued_rows", "allowed_batch_sizes", "policy", "max_batches_in_flight")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     BATCH_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_ROWS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCHES_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     max_batch_size: int
     batch_timeout_seconds: float
     max_queued_rows: int
     allowed_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, enabled: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., batch_timeout_seconds: _Optional[float] = ..., max_queued_rows: _Optional[int] = ..., allowed_batch_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+    policy: str
+    max_batches_in_flight: int
+    def __init__(self, enabled: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., batch_timeout_seconds: _Optional[float] = ..., max_queued_rows: _Optional[int] = ..., allowed_batch_sizes: _Optional[_Iterable[int]] = ..., policy: _Optional[str] = ..., max_batches_in_flight: _Optional[int] = ...) -> None: ...
 
 class GetModelMetadataResponse(_message.Message):
     __slots__ = ("name", "version", "versions", "platform", "inputs", "outputs", "device", "batching", "ready")

@@ -1,0 +1,281 @@
+"""Dynamic batching (SPEC §4): concurrent requests for one model merged into one model call.
+
+Each request becomes one or more tasks of at most max_batch_size rows, each with its own future. One
+loop per model forms batches: a batch runs when it holds max_batch_size rows, when its oldest task has
+waited batch_timeout, or, under the "idle" policy, at once when the model has no batch running (so a
+lone request pays no wait and batches grow with load by themselves). A batch is padded up to the next
+allowed size, so the model only ever sees shapes warmed up before SERVING; padding rows are dropped
+from the results. Cancelled and expired tasks are dropped before a batch runs, the queue is bounded in
+rows, and a failing batch fails only its own tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from server import metrics
+from server.errors import DeadlineExpiredError, InvalidInputError, OverloadedError
+from server.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["idle", "fixed"]
+
+
+def default_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below max_batch_size, and max_batch_size itself."""
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return (*sizes, max_batch_size)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """One model's batching settings."""
+
+    enabled: bool = True
+    max_batch_size: int = 64
+    batch_timeout: float = 0.002
+    max_queued_rows: int = 4096
+    policy: Policy = "idle"
+    max_batches_in_flight: int = 2
+    allowed_batch_sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.allowed_batch_sizes:
+            object.__setattr__(self, "allowed_batch_sizes", default_batch_sizes(self.max_batch_size))
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.max_batch_size < 1:
+            found.append(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_timeout < 0:
+            found.append(f"batch_timeout must be >= 0 seconds, got {self.batch_timeout}")
+        if self.max_queued_rows < self.max_batch_size:
+            found.append(f"max_queued_rows ({self.max_queued_rows}) must be >= max_batch_size ({self.max_batch_size})")
+        if self.policy not in ("idle", "fixed"):
+            found.append(f"policy must be 'idle' or 'fixed', got {self.policy!r}")
+        if self.max_batches_in_flight < 1:
+            found.append(f"max_batches_in_flight must be >= 1, got {self.max_batches_in_flight}")
+        sizes = self.allowed_batch_sizes
+        if list(sizes) != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != self.max_batch_size:
+            found.append(
+                f"allowed_batch_sizes must be increasing, positive and end with max_batch_size "
+                f"({self.max_batch_size}), got {list(sizes)}"
+            )
+        return found
+
+    def padded_size(self, rows: int) -> int:
+        return self.allowed_batch_sizes[bisect.bisect_left(self.allowed_batch_sizes, rows)]
+
+
+@dataclass
+class _Task:
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    future: asyncio.Future[dict[str, np.ndarray]]
+    enqueued: float
+    deadline: float | None  # on the batcher's clock
+
+
+@dataclass
+class _ModelQueue:
+    """One model's pending tasks and the loop that batches them."""
+
+    runtime: ModelRuntime
+    tasks: deque[_Task] = field(default_factory=deque)
+    rows: int = 0
+    running: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    loop_task: asyncio.Task[None] | None = None
+
+
+class Batcher:
+    """A Runner (see server.inference) that batches requests per model; create it inside the running loop."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        config_for: Callable[[str], BatchingConfig],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._executor = executor
+        self.config = config_for
+        self._clock = clock
+        self._queues: dict[tuple[str, int], _ModelQueue] = {}
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+
+    def warm_up(self, runtime: ModelRuntime) -> None:
+        """Run every allowed batch size once (blocking), so no request pays for a first call of a shape."""
+        config = self.config(runtime.name)
+        for size in config.allowed_batch_sizes if config.enabled else (1,):
+            runtime.warm_up(size)
+
+    async def run(
+        self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
+        config = self.config(runtime.name)
+        if not config.enabled:
+            return await self._run_alone(runtime, inputs, rows, deadline)
+        queue = self._queue(runtime)
+        if rows > config.max_queued_rows:
+            raise InvalidInputError(
+                f"model '{runtime.name}' takes at most {config.max_queued_rows} rows per request, got {rows}; "
+                "split the request"
+            )
+        if queue.rows + rows > config.max_queued_rows:
+            metrics.REJECTED.labels(runtime.name, "queue_full").inc()
+            raise OverloadedError(
+                f"model '{runtime.name}' queue is full ({queue.rows} of {config.max_queued_rows} rows queued); "
+                "retry with backoff"
+            )
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        step = config.max_batch_size
+        tasks = [
+            _Task({k: v[start : start + step] for k, v in inputs.items()}, min(step, rows - start),
+                  loop.create_future(), now, deadline)
+            for start in range(0, rows, step)
+        ]  # fmt: skip
+        queue.tasks.extend(tasks)
+        queue.rows += rows
+        metrics.QUEUE_ROWS.labels(runtime.name).set(queue.rows)
+        queue.changed.set()
+        try:
+            parts = await asyncio.gather(*(t.future for t in tasks))
+        except BaseException:
+            for task in tasks:
+                task.future.cancel()  # a chunk not yet batched is dropped; a running one finishes unobserved
+            raise
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    async def _run_alone(
+        self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None
+    ) -> dict[str, np.ndarray]:
+        """Batching off: the request is its own model call (still dropped if it expired while waiting)."""
+        name = runtime.name
+
+        def call() -> dict[str, np.ndarray]:
+            if deadline is not None and self._clock() >= deadline:
+                metrics.REJECTED.labels(name, "deadline").inc()
+                raise DeadlineExpiredError(f"model '{name}': the deadline passed while queued")
+            started = time.perf_counter()
+            outputs = runtime.predict(inputs)
+            metrics.INFERENCE_DURATION.labels(name).observe(time.perf_counter() - started)
+            metrics.BATCH_SIZE.labels(name).observe(rows)
+            return outputs
+
+        # Cancelling the await cancels the executor job too, as long as it has not started.
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _queue(self, runtime: ModelRuntime) -> _ModelQueue:
+        key = (runtime.name, runtime.version)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _ModelQueue(runtime)
+            queue.loop_task = asyncio.get_running_loop().create_task(self._batch_loop(queue))
+            queue.loop_task.add_done_callback(_log_failure)
+        return queue
+
+    async def _batch_loop(self, queue: _ModelQueue) -> None:
+        config = self.config(queue.runtime.name)
+        while True:
+            queue.changed.clear()
+            if queue.tasks and queue.running < config.max_batches_in_flight:
+                full = queue.rows >= config.max_batch_size
+                idle = config.policy == "idle" and queue.running == 0
+                waited = self._clock() - queue.tasks[0].enqueued
+                if full or idle or waited >= config.batch_timeout:
+                    self._dispatch(queue, config)
+                    continue
+                timeout: float | None = config.batch_timeout - waited
+            else:
+                timeout = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(queue.changed.wait(), timeout)
+
+    def _take_batch(self, queue: _ModelQueue, config: BatchingConfig) -> list[_Task]:
+        """Pop up to max_batch_size rows of live tasks; drop cancelled and expired ones on the way."""
+        name = queue.runtime.name
+        batch: list[_Task] = []
+        rows = 0
+        now = self._clock()
+        while queue.tasks and rows + queue.tasks[0].rows <= config.max_batch_size:
+            task = queue.tasks.popleft()
+            queue.rows -= task.rows
+            if task.future.done():
+                metrics.REJECTED.labels(name, "cancelled").inc()
+                continue
+            if task.deadline is not None and now >= task.deadline:
+                metrics.REJECTED.labels(name, "deadline").inc()
+                task.future.set_exception(DeadlineExpiredError(f"model '{name}': the deadline passed while queued"))
+                continue
+            metrics.QUEUE_DURATION.labels(name).observe(now - task.enqueued)
+            batch.append(task)
+            rows += task.rows
+        metrics.QUEUE_ROWS.labels(name).set(queue.rows)
+        return batch
+
+    def _dispatch(self, queue: _ModelQueue, config: BatchingConfig) -> None:
+        batch = self._take_batch(queue, config)
+        if not batch:
+            return
+        queue.running += 1
+        task = asyncio.get_running_loop().create_task(self._run_batch(queue, config, batch))
+        self._batch_tasks.add(task)
+        task.add_done_callback(self._batch_tasks.discard)
+        task.add_done_callback(_log_failure)
+
+    async def _run_batch(self, queue: _ModelQueue, config: BatchingConfig, batch: list[_Task]) -> None:
+        runtime = queue.runtime
+        rows = sum(t.rows for t in batch)
+        padded = config.padded_size(rows)
+        try:
+            inputs = {
+                name: _pad(np.concatenate([t.inputs[name] for t in batch]) if len(batch) > 1 else batch[0].inputs[name],
+                           padded)
+                for name in runtime.inputs
+            }  # fmt: skip
+            started = time.perf_counter()
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, runtime.predict, inputs)
+            metrics.INFERENCE_DURATION.labels(runtime.name).observe(time.perf_counter() - started)
+            metrics.BATCH_SIZE.labels(runtime.name).observe(rows)
+            metrics.BATCH_PADDING.labels(runtime.name).inc(padded - rows)
+            offset = 0
+            for task in batch:
+                if not task.future.done():
+                    task.future.set_result({k: v[offset : offset + task.rows] for k, v in outputs.items()})
+                offset += task.rows
+        except Exception as error:
+            log.exception("batch of %d rows for model %s failed", rows, runtime.name)
+            for task in batch:
+                if not task.future.done():
+                    task.future.set_exception(error)
+        finally:
+            queue.running -= 1
+            queue.changed.set()
+
+
+def _pad(array: np.ndarray, rows: int) -> np.ndarray:
+    """Pad with copies of the last row (always a valid input, unlike zeros for some models)."""
+    missing = rows - array.shape[0]
+    if missing == 0:
+        return array
+    return np.concatenate([array, np.broadcast_to(array[-1:], (missing, *array.shape[1:]))])
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("batching task failed", exc_info=task.exception())
