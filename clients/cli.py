@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from clients import loadtest
 from clients.client import TYPED_MODELS, ModelServerClient
 
 
@@ -39,6 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
     metadata.add_argument("--version", type=int, default=0, help="model version (default: latest)")
 
     commands.add_parser("list", help="print every model and whether it is ready, as JSON")
+
+    load = commands.add_parser("loadtest", help="load-test a model (closed or open loop) and print a summary")
+    load.add_argument("model", choices=sorted(TYPED_MODELS))
+    loop = load.add_mutually_exclusive_group(required=True)
+    loop.add_argument("--concurrency", type=int, help="closed loop: N callers, each waits for its reply")
+    loop.add_argument("--rate", type=float, help="open loop: R requests/s, sent on schedule")
+    bound = load.add_mutually_exclusive_group(required=True)
+    bound.add_argument("--duration", type=float, help="measure for S seconds")
+    bound.add_argument("--requests", type=int, help="measure N requests")
+    load.add_argument("--rows-per-request", type=int, default=1, help="rows per request (default: %(default)s)")
+    load.add_argument("--warmup", type=float, default=0.0, help="seconds of load first, not counted (default: 0)")
+    load.add_argument("--version", type=int, default=0, help="model version (default: latest)")
+    load.add_argument(
+        "--max-outstanding", type=int, default=1000, help="open loop: in-flight cap (default: %(default)s)"
+    )
+    load.add_argument("--channels", type=int, default=1, help="gRPC channels to spread calls over (default: 1)")
+    load.add_argument("--seed", type=int, default=0, help="seed of the random input rows (default: 0)")
+    load.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
+    load.add_argument("--no-progress", action="store_true", help="no live progress on stderr")
     return parser
 
 
@@ -48,6 +68,8 @@ def _print_json(value: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "loadtest":
+        return loadtest.main(args)
     with ModelServerClient(args.target, timeout=args.timeout) as client:
         try:
             if args.command == "health":

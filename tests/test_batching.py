@@ -1,0 +1,299 @@
+"""The batcher, in-process on the real multi_input SavedModel: batches form by size, by timeout and when idle;
+rows never mix; the queue is bounded; cancelled and expired work never reaches the model; failures stay local.
+
+Batching is made deterministic by holding model calls behind a gate (an event), huge timeouts and a manual
+clock, never by sleeping and measuring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from server.batching import Batcher, BatchingConfig, default_batch_sizes
+from server.errors import (
+    DeadlineExpiredError,
+    InvalidInputError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnavailableError,
+)
+from server.inference import InferenceService
+from server.repository import export_saved_model
+from server.runtime import ModelRuntime
+from server.status import to_status
+
+MODEL = "multi_input"
+
+
+class GatedRuntime:
+    """The real runtime, recording the rows of every model call and holding calls while the gate is closed."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self.runtime = runtime
+        self.name, self.version, self.inputs, self.outputs = MODEL, 1, runtime.inputs, runtime.outputs
+        self.calls: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self.fail_next = False
+
+    def predict(self, inputs):
+        self.calls.append(next(iter(inputs.values())).shape[0])
+        self.started.set()
+        assert self.gate.wait(30), "gate never opened"
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected device fault")
+        return self.runtime.predict(inputs)
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def real_runtime(tmp_path_factory, keras_models) -> ModelRuntime:
+    path = tmp_path_factory.mktemp("batching") / MODEL / "1"
+    export_saved_model(keras_models[MODEL], path, seed=1234)
+    return ModelRuntime(MODEL, 1, path, "/device:CPU:0")
+
+
+@pytest.fixture
+def runtime(real_runtime) -> GatedRuntime:
+    return GatedRuntime(real_runtime)
+
+
+@pytest.fixture(scope="module")
+def executor():
+    with ThreadPoolExecutor(4) as pool:
+        yield pool
+
+
+def rows_of(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input_a": rng.random((n, 10), dtype=np.float32), "input_b": rng.random((n, 20), dtype=np.float32)}
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, {"model": MODEL, **labels}) or 0.0
+
+
+def make_batcher(executor, clock=None, **settings) -> Batcher:
+    config = BatchingConfig(**settings)
+    assert not config.problems()
+    return Batcher(executor, lambda model: config, **({"clock": clock} if clock else {}))
+
+
+async def settle() -> None:
+    """Let every ready task run up to its next real wait (requests reach the queue)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_default_batch_sizes():
+    assert default_batch_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert default_batch_sizes(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert default_batch_sizes(1) == (1,)
+    assert BatchingConfig(max_batch_size=8).padded_size(3) == 4
+
+
+def test_concurrent_requests_each_get_their_own_rows_across_splits_and_padding(executor, runtime, real_runtime):
+    sizes = [1, 3, 2, 13, 1, 5, 8, 1, 20, 2, 7, 1]
+    requests = [rows_of(n, seed=i) for i, n in enumerate(sizes)]
+    count, total = sample("modelserver_batch_size_rows_count"), sample("modelserver_batch_size_rows_sum")
+    padding = sample("modelserver_batch_padding_rows_total")
+
+    async def scenario():
+        batcher = make_batcher(executor, max_batch_size=8, batch_timeout=0.01, policy="fixed")
+        return await asyncio.gather(*(batcher.run(runtime, x, len(x["input_a"])) for x in requests))
+
+    results = asyncio.run(scenario())
+    for inputs, result in zip(requests, results, strict=True):
+        np.testing.assert_allclose(result["output"], real_runtime.predict(inputs)["output"], atol=1e-6)
+        assert result["output"].shape == (len(inputs["input_a"]), 1)
+    assert all(call in (1, 2, 4, 8) for call in runtime.calls), runtime.calls  # padded to allowed sizes
+    assert sum(sizes) <= sum(runtime.calls) and len(runtime.calls) < len(sizes) + 4  # merged, not one per chunk
+    # The histogram saw every executed batch, with the real (unpadded) rows.
+    assert sample("modelserver_batch_size_rows_count") - count == len(runtime.calls)
+    assert sample("modelserver_batch_size_rows_sum") - total == sum(sizes)
+    assert sample("modelserver_batch_padding_rows_total") - padding == sum(runtime.calls) - sum(sizes)
+
+
+def test_large_request_is_split_in_order(executor, runtime, real_runtime):
+    inputs = rows_of(20, seed=5)
+
+    async def scenario():
+        batcher = make_batcher(executor, max_batch_size=8, batch_timeout=1000, policy="idle")
+        return await batcher.run(runtime, inputs, 20)
+
+    result = asyncio.run(scenario())
+    assert runtime.calls == [8, 8, 4]
+    np.testing.assert_allclose(result["output"], real_runtime.predict(inputs)["output"], atol=1e-6)
+
+
+def test_batch_forms_by_size_without_waiting_for_the_timeout(executor, runtime):
+    async def scenario():
+        # A fixed wait of 1000 s: only reaching max_batch_size can start this batch.
+        batcher = make_batcher(executor, max_batch_size=4, batch_timeout=1000, policy="fixed")
+        return await asyncio.gather(*(batcher.run(runtime, rows_of(1, seed=i), 1) for i in range(4)))
+
+    assert len(asyncio.run(scenario())) == 4
+    assert runtime.calls == [4]
+
+
+def test_batch_forms_by_timeout_when_not_full(executor, runtime):
+    async def scenario():
+        batcher = make_batcher(executor, max_batch_size=64, batch_timeout=0.01, policy="fixed")
+        return await asyncio.gather(*(batcher.run(runtime, rows_of(1, seed=i), 1) for i in range(3)))
+
+    assert len(asyncio.run(scenario())) == 3
+    assert runtime.calls == [4]  # 3 rows padded to 4: the batch ran before it was full
+
+
+def test_idle_policy_runs_a_lone_request_at_once_and_grows_batches_under_load(executor, runtime):
+    async def scenario():
+        batcher = make_batcher(executor, max_batch_size=64, batch_timeout=1000, policy="idle")
+        await batcher.run(runtime, rows_of(1, seed=0), 1)  # idle model: no 1000 s wait
+        runtime.gate.clear()
+        first = asyncio.create_task(batcher.run(runtime, rows_of(2, seed=1), 2))
+        await asyncio.to_thread(runtime.started.wait, 10)
+        queued = [asyncio.create_task(batcher.run(runtime, rows_of(1, seed=i), 1)) for i in range(5)]
+        await settle()
+        runtime.gate.set()  # the running batch ends, the model is idle: the 5 queued rows run together
+        await asyncio.gather(first, *queued)
+
+    asyncio.run(scenario())
+    assert runtime.calls == [1, 2, 8]
+
+
+def test_full_queue_sheds_load_at_once_and_the_rest_still_succeed(executor, runtime):
+    rejected = sample("modelserver_rejected_requests_total", reason="queue_full")
+
+    async def scenario():
+        batcher = make_batcher(executor, max_batch_size=4, max_queued_rows=8, max_batches_in_flight=1)
+        runtime.gate.clear()
+        running = asyncio.create_task(batcher.run(runtime, rows_of(4, seed=0), 4))
+        await asyncio.to_thread(runtime.started.wait, 10)
+        queued = [asyncio.create_task(batcher.run(runtime, rows_of(4, seed=i), 4)) for i in (1, 2)]
+        await settle()
+        with pytest.raises(OverloadedError, match=r"queue is full \(8 of 8 rows queued\)"):
+            await batcher.run(runtime, rows_of(1, seed=3), 1)
+        runtime.gate.set()
+        return await asyncio.gather(running, *queued)
+
+    assert [r["output"].shape for r in asyncio.run(scenario())] == [(4, 1)] * 3
+    assert runtime.calls == [4, 4, 4]
+    assert sample("modelserver_rejected_requests_total", reason="queue_full") - rejected == 1
+
+
+def test_request_larger_than_the_queue_is_invalid(executor, runtime):
+    async def scenario():
+        batcher = make_batcher(executor, max_batch_size=4, max_queued_rows=8)
+        await batcher.run(runtime, rows_of(9, seed=0), 9)
+
+    with pytest.raises(InvalidInputError, match="at most 8 rows per request, got 9"):
+        asyncio.run(scenario())
+    assert runtime.calls == []
+
+
+def test_cancelled_and_expired_requests_never_reach_the_model(executor, runtime):
+    clock = ManualClock()
+    cancelled, expired = (sample("modelserver_rejected_requests_total", reason=r) for r in ("cancelled", "deadline"))
+
+    async def scenario():
+        batcher = make_batcher(executor, clock=clock, max_batch_size=8, max_batches_in_flight=1)
+        runtime.gate.clear()
+        running = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=0), 1))
+        await asyncio.to_thread(runtime.started.wait, 10)
+        doomed = asyncio.create_task(batcher.run(runtime, rows_of(2, seed=1), 2))
+        late = asyncio.create_task(batcher.run(runtime, rows_of(3, seed=2), 3, deadline=clock.now + 5))
+        kept = asyncio.create_task(batcher.run(runtime, rows_of(4, seed=3), 4, deadline=clock.now + 60))
+        await settle()
+        doomed.cancel()
+        clock.now += 10  # past late's deadline, not kept's
+        runtime.gate.set()
+        await running
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        with pytest.raises(DeadlineExpiredError, match="deadline passed while queued"):
+            await late
+        return await kept
+
+    assert asyncio.run(scenario())["output"].shape == (4, 1)
+    assert runtime.calls == [1, 4]  # neither the cancelled 2 rows nor the expired 3 were computed
+    assert sample("modelserver_rejected_requests_total", reason="cancelled") - cancelled == 1
+    assert sample("modelserver_rejected_requests_total", reason="deadline") - expired == 1
+
+
+def test_a_failing_batch_fails_only_its_own_requests(executor, runtime, real_runtime):
+    async def scenario():
+        batcher = make_batcher(executor, max_batch_size=8, max_batches_in_flight=1)
+        runtime.gate.clear()
+        first = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=0), 1))
+        await asyncio.to_thread(runtime.started.wait, 10)
+        runtime.fail_next = True
+        runtime.gate.set()
+        with pytest.raises(RuntimeError, match="injected device fault"):
+            await first
+        second = rows_of(3, seed=1)
+        return second, await batcher.run(runtime, second, 3)
+
+    inputs, result = asyncio.run(scenario())
+    np.testing.assert_allclose(result["output"], real_runtime.predict(inputs)["output"], atol=1e-6)
+    assert runtime.calls == [1, 4]
+
+
+def test_batching_off_runs_each_request_alone(executor, runtime):
+    async def scenario():
+        batcher = make_batcher(executor, enabled=False)
+        return await asyncio.gather(*(batcher.run(runtime, rows_of(n, seed=n), n) for n in (1, 3, 2)))
+
+    assert [r["output"].shape[0] for r in asyncio.run(scenario())] == [1, 3, 2]
+    assert sorted(runtime.calls) == [1, 2, 3]
+
+
+def test_invalid_requests_never_enter_the_queue(executor, runtime):
+    invalid = sample("modelserver_rejected_requests_total", reason="invalid")
+
+    async def scenario():
+        batcher = make_batcher(executor, max_batch_size=8)
+        core = InferenceService(batcher)
+        core.add_model(runtime, (1,), batcher.config(MODEL))
+        core.start_serving()
+        with pytest.raises(InvalidInputError):
+            await core.infer(
+                MODEL, 0, {"input_a": np.zeros((2, 10), np.float32), "input_b": np.zeros((3, 20), np.float32)}
+            )
+        with pytest.raises(InvalidInputError):
+            await core.infer_flat(MODEL, 0, {"input_a": np.zeros(7, np.float32), "input_b": np.zeros(20, np.float32)})
+        return await core.infer(MODEL, 0, rows_of(2, seed=0))
+
+    assert asyncio.run(scenario()).outputs["output"].shape == (2, 1)
+    assert runtime.calls == [2]
+    assert sample("modelserver_rejected_requests_total", reason="invalid") - invalid == 2
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InvalidInputError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (ModelNotFoundError("x"), grpc.StatusCode.NOT_FOUND),
+        (OverloadedError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (UnavailableError("x"), grpc.StatusCode.UNAVAILABLE),
+        (DeadlineExpiredError("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (RuntimeError("boom"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_error_to_status_map(error, code):
+    assert to_status(error)[0] == code
