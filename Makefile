@@ -35,3 +35,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) model_repository .pytest_cache .ruff_cache
+
+bench: $(STAMP) $(GENERATED)
+	$(PY) bench/run.py $(ARGS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -31,6 +32,9 @@ from server.runtime import ModelRuntime
 log = logging.getLogger(__name__)
 
 Policy = Literal["idle", "fixed"]
+# The "idle" policy's first wait (seconds) once an idle model finds requests arriving together; see
+# Batcher._adapt_window.
+MIN_WINDOW = 0.0002
 
 
 def default_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -45,7 +49,7 @@ class BatchingConfig:
 
     enabled: bool = True
     max_batch_size: int = 64
-    batch_timeout: float = 0.002
+    batch_timeout: float = 0.01
     max_queued_rows: int = 4096
     policy: Policy = "idle"
     max_batches_in_flight: int = 2
@@ -88,14 +92,30 @@ class _Task:
     deadline: float | None  # on the batcher's clock
 
 
+class _ModelMetrics:
+    """One model's metric children, looked up once instead of per request."""
+
+    def __init__(self, model: str) -> None:
+        self.queue_rows = metrics.QUEUE_ROWS.labels(model)
+        self.queue_duration = metrics.QUEUE_DURATION.labels(model)
+        self.inference = metrics.INFERENCE_DURATION.labels(model)
+        self.batch_size = metrics.BATCH_SIZE.labels(model)
+        self.padding = metrics.BATCH_PADDING.labels(model)
+        self.cancelled = metrics.REJECTED.labels(model, "cancelled")
+        self.expired = metrics.REJECTED.labels(model, "deadline")
+        self.queue_full = metrics.REJECTED.labels(model, "queue_full")
+
+
 @dataclass
 class _ModelQueue:
     """One model's pending tasks and the loop that batches them."""
 
     runtime: ModelRuntime
+    metrics: _ModelMetrics
     tasks: deque[_Task] = field(default_factory=deque)
     rows: int = 0
     running: int = 0
+    window: float = 0.0  # seconds an idle model waits for more requests (learned, see Batcher._adapt_window)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     loop_task: asyncio.Task[None] | None = None
 
@@ -113,7 +133,6 @@ class Batcher:
         self.config = config_for
         self._clock = clock
         self._queues: dict[tuple[str, int], _ModelQueue] = {}
-        self._batch_tasks: set[asyncio.Task[None]] = set()
 
     def warm_up(self, runtime: ModelRuntime) -> None:
         """Run every allowed batch size once (blocking), so no request pays for a first call of a shape."""
@@ -134,13 +153,24 @@ class Batcher:
                 "split the request"
             )
         if queue.rows + rows > config.max_queued_rows:
-            metrics.REJECTED.labels(runtime.name, "queue_full").inc()
+            queue.metrics.queue_full.inc()
             raise OverloadedError(
                 f"model '{runtime.name}' queue is full ({queue.rows} of {config.max_queued_rows} rows queued); "
                 "retry with backoff"
             )
-        loop = asyncio.get_running_loop()
         now = self._clock()
+        if deadline is not None and now >= deadline:
+            queue.metrics.expired.inc()
+            raise DeadlineExpiredError(f"model '{runtime.name}': the deadline passed before the request was queued")
+        if (
+            config.policy == "idle"
+            and queue.running == 0
+            and not queue.tasks
+            and queue.window == 0.0
+            and rows <= config.max_batch_size
+        ):
+            return await self._run_now(queue, config, inputs, rows)
+        loop = asyncio.get_running_loop()
         step = config.max_batch_size
         tasks = [
             _Task({k: v[start : start + step] for k, v in inputs.items()}, min(step, rows - start),
@@ -149,17 +179,36 @@ class Batcher:
         ]  # fmt: skip
         queue.tasks.extend(tasks)
         queue.rows += rows
-        metrics.QUEUE_ROWS.labels(runtime.name).set(queue.rows)
+        queue.metrics.queue_rows.set(queue.rows)
         queue.changed.set()
         try:
+            if len(tasks) == 1:
+                return await tasks[0].future
             parts = await asyncio.gather(*(t.future for t in tasks))
         except BaseException:
             for task in tasks:
                 task.future.cancel()  # a chunk not yet batched is dropped; a running one finishes unobserved
             raise
-        if len(parts) == 1:
-            return parts[0]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    async def _run_now(
+        self, queue: _ModelQueue, config: BatchingConfig, inputs: Mapping[str, np.ndarray], rows: int
+    ) -> dict[str, np.ndarray]:
+        """A lone request on an idle model is a batch by itself, run at once without queueing (no latency tax)."""
+        padded = config.padded_size(rows)
+        queue.metrics.queue_duration.observe(0.0)
+        queue.running += 1
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _execute, queue.runtime, queue.metrics, [inputs], padded
+            )
+        finally:
+            queue.running -= 1
+            if queue.tasks:
+                queue.changed.set()  # requests that arrived meanwhile run next
+        queue.metrics.batch_size.observe(rows)
+        queue.metrics.padding.inc(padded - rows)
+        return outputs if padded == rows else {name: value[:rows] for name, value in outputs.items()}
 
     async def _run_alone(
         self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None
@@ -184,7 +233,7 @@ class Batcher:
         key = (runtime.name, runtime.version)
         queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[key] = _ModelQueue(runtime)
+            queue = self._queues[key] = _ModelQueue(runtime, _ModelMetrics(runtime.name))
             queue.loop_task = asyncio.get_running_loop().create_task(self._batch_loop(queue))
             queue.loop_task.add_done_callback(_log_failure)
         return queue
@@ -194,17 +243,32 @@ class Batcher:
         while True:
             queue.changed.clear()
             if queue.tasks and queue.running < config.max_batches_in_flight:
-                full = queue.rows >= config.max_batch_size
+                now = self._clock()
                 idle = config.policy == "idle" and queue.running == 0
-                waited = self._clock() - queue.tasks[0].enqueued
-                if full or idle or waited >= config.batch_timeout:
+                ready_at = queue.tasks[0].enqueued + (
+                    min(queue.window, config.batch_timeout) if idle else config.batch_timeout
+                )
+                if queue.rows >= config.max_batch_size or now >= ready_at:
+                    if idle:
+                        self._adapt_window(queue, config)
                     self._dispatch(queue, config)
                     continue
-                timeout: float | None = config.batch_timeout - waited
+                timeout: float | None = ready_at - now
             else:
                 timeout = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(queue.changed.wait(), timeout)
+
+    @staticmethod
+    def _adapt_window(queue: _ModelQueue, config: BatchingConfig) -> None:
+        """Learn how long an idle model waits for company. Batches that find several requests together mean
+        concurrent load: wait longer (up to batch_timeout), since fewer, larger model calls save the server
+        CPU per request. A batch of one means a lone caller: halve the wait, down to none, so that a caller
+        on its own never pays for waiting."""
+        if len(queue.tasks) > 1:
+            queue.window = min(config.batch_timeout, max(2 * queue.window, MIN_WINDOW))
+        else:
+            queue.window = queue.window / 2 if queue.window > MIN_WINDOW else 0.0
 
     def _take_batch(self, queue: _ModelQueue, config: BatchingConfig) -> list[_Task]:
         """Pop up to max_batch_size rows of live tasks; drop cancelled and expired ones on the way."""
@@ -216,56 +280,72 @@ class Batcher:
             task = queue.tasks.popleft()
             queue.rows -= task.rows
             if task.future.done():
-                metrics.REJECTED.labels(name, "cancelled").inc()
+                queue.metrics.cancelled.inc()
                 continue
             if task.deadline is not None and now >= task.deadline:
-                metrics.REJECTED.labels(name, "deadline").inc()
+                queue.metrics.expired.inc()
                 task.future.set_exception(DeadlineExpiredError(f"model '{name}': the deadline passed while queued"))
                 continue
-            metrics.QUEUE_DURATION.labels(name).observe(now - task.enqueued)
+            queue.metrics.queue_duration.observe(now - task.enqueued)
             batch.append(task)
             rows += task.rows
-        metrics.QUEUE_ROWS.labels(name).set(queue.rows)
+        queue.metrics.queue_rows.set(queue.rows)
         return batch
 
     def _dispatch(self, queue: _ModelQueue, config: BatchingConfig) -> None:
+        """Start a batch on the executor; its completion callback hands each task its own rows."""
         batch = self._take_batch(queue, config)
         if not batch:
             return
         queue.running += 1
-        task = asyncio.get_running_loop().create_task(self._run_batch(queue, config, batch))
-        self._batch_tasks.add(task)
-        task.add_done_callback(self._batch_tasks.discard)
-        task.add_done_callback(_log_failure)
-
-    async def _run_batch(self, queue: _ModelQueue, config: BatchingConfig, batch: list[_Task]) -> None:
-        runtime = queue.runtime
         rows = sum(t.rows for t in batch)
         padded = config.padded_size(rows)
-        try:
-            inputs = {
-                name: _pad(np.concatenate([t.inputs[name] for t in batch]) if len(batch) > 1 else batch[0].inputs[name],
-                           padded)
-                for name in runtime.inputs
-            }  # fmt: skip
-            started = time.perf_counter()
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, runtime.predict, inputs)
-            metrics.INFERENCE_DURATION.labels(runtime.name).observe(time.perf_counter() - started)
-            metrics.BATCH_SIZE.labels(runtime.name).observe(rows)
-            metrics.BATCH_PADDING.labels(runtime.name).inc(padded - rows)
-            offset = 0
-            for task in batch:
-                if not task.future.done():
-                    task.future.set_result({k: v[offset : offset + task.rows] for k, v in outputs.items()})
-                offset += task.rows
-        except Exception as error:
-            log.exception("batch of %d rows for model %s failed", rows, runtime.name)
+        future = asyncio.get_running_loop().run_in_executor(
+            self._executor, _execute, queue.runtime, queue.metrics, [t.inputs for t in batch], padded
+        )
+        future.add_done_callback(functools.partial(self._finish_batch, queue, batch, rows, padded))
+
+    @staticmethod
+    def _finish_batch(
+        queue: _ModelQueue,
+        batch: list[_Task],
+        rows: int,
+        padded: int,
+        future: asyncio.Future[dict[str, np.ndarray]],
+    ) -> None:
+        queue.running -= 1
+        if queue.tasks:
+            queue.changed.set()  # the batch loop may start the next batch now
+        error = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if error is not None:
+            log.error("batch of %d rows for model %s failed", rows, queue.runtime.name, exc_info=error)
             for task in batch:
                 if not task.future.done():
                     task.future.set_exception(error)
-        finally:
-            queue.running -= 1
-            queue.changed.set()
+            return
+        outputs = future.result()
+        queue.metrics.batch_size.observe(rows)
+        queue.metrics.padding.inc(padded - rows)
+        offset = 0
+        for task in batch:
+            if not task.future.done():
+                task.future.set_result({k: v[offset : offset + task.rows] for k, v in outputs.items()})
+            offset += task.rows
+
+
+def _execute(
+    runtime: ModelRuntime, metrics_: _ModelMetrics, parts: list[Mapping[str, np.ndarray]], padded: int
+) -> dict[str, np.ndarray]:
+    """On the executor: join the tasks' rows, pad to an allowed size and call the model (off the event loop,
+    so preparing this batch overlaps the event loop's work on the next one)."""
+    inputs = {
+        name: _pad(np.concatenate([p[name] for p in parts]) if len(parts) > 1 else parts[0][name], padded)
+        for name in runtime.inputs
+    }
+    started = time.perf_counter()
+    outputs = runtime.predict(inputs)
+    metrics_.inference.observe(time.perf_counter() - started)
+    return outputs
 
 
 def _pad(array: np.ndarray, rows: int) -> np.ndarray:

@@ -107,7 +107,10 @@ class Settings:
     batching: bool = _setting(True, "Merge concurrent requests into one model call (default for every model).", _bool)
     max_batch_size: int = _setting(64, "Rows per model call at most; larger requests are split and reassembled.", int)
     batch_timeout: float = _setting(
-        0.002, "Seconds the oldest queued request may wait for its batch to fill (an upper bound).", float
+        0.01,
+        "Seconds the oldest queued request may wait for its batch to fill: an upper bound, reached only under "
+        "concurrent load (an idle model learns how long waiting pays; see README).",
+        float,
     )
     max_queued_rows: int = _setting(
         4096, "Rows queued per model at most; beyond it requests fail at once with RESOURCE_EXHAUSTED.", int

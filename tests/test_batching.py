@@ -297,3 +297,29 @@ def test_invalid_requests_never_enter_the_queue(executor, runtime):
 )
 def test_error_to_status_map(error, code):
     assert to_status(error)[0] == code
+
+
+def test_idle_policy_learns_to_wait_under_load_and_stops_for_a_lone_caller(executor, runtime):
+    clock = ManualClock()  # stands still unless the test moves it: waits end only when the test says so
+
+    async def scenario():
+        batcher = make_batcher(executor, clock=clock, max_batch_size=64, batch_timeout=1.0, policy="idle")
+        runtime.gate.clear()
+        first = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=0), 1))
+        await asyncio.to_thread(runtime.started.wait, 10)
+        together = [asyncio.create_task(batcher.run(runtime, rows_of(1, seed=i), 1)) for i in (1, 2)]
+        await settle()
+        runtime.gate.set()
+        await asyncio.gather(first, *together)  # two requests found each other: concurrent load
+
+        waiting = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=3), 1))
+        await asyncio.sleep(0.05)
+        assert not waiting.done(), "after concurrent load, an idle model waits a moment for company"
+        assert runtime.calls == [1, 2]
+        clock.now += 0.001  # past the learned wait (well under batch_timeout)
+        await waiting
+        # That wait found nobody: the next lone request runs at once, with the clock still standing.
+        await asyncio.wait_for(batcher.run(runtime, rows_of(1, seed=4), 1), 10)
+
+    asyncio.run(scenario())
+    assert runtime.calls == [1, 2, 1, 1]

@@ -1,0 +1,231 @@
+"""The benchmark (BENCH.md): our server against its references, measured side by side in one run.
+
+References: the compute ceiling (the SavedModel signature called in-process at each batch size, no gRPC),
+the transport ceiling (bench/echo_server.py on the same gRPC stack), and our server with batching off.
+Load comes from `python -m clients loadtest` in its own process, closed loop with 1-row requests at
+concurrency 1, 16, 64 and 256, multi-row residual_cnn requests, and open-loop runs at 50 % and 90 % of the
+batched maximum. Prints JSON (also written to bench/results/) and a markdown table.
+
+Usage: python bench/run.py [--duration S] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from tests.serverproc import ServerProcess, free_port  # noqa: E402
+
+CONCURRENCIES = (1, 16, 64, 256)
+CNN_ROWS = 32
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version()}
+
+
+def compute_ceiling(repository: Path, seconds: float) -> dict:
+    """Rows/s of each model called in-process at each batch size (bench/compute_ceiling.py)."""
+    script = REPO_ROOT / "bench" / "compute_ceiling.py"
+    done = subprocess.run([sys.executable, str(script), str(repository), str(seconds)], capture_output=True, text=True,
+                          check=True, cwd=REPO_ROOT)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load(
+    target: str,
+    model: str,
+    duration: float,
+    *,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    rows: int = 1,
+    warmup: float = 1.0,
+) -> dict:
+    """One load-test run from a separate client process; returns its JSON summary."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        if warmup:
+            load_args = ["--concurrency", str(concurrency or 16)]
+            subprocess.run([sys.executable, "-m", "clients", "--target", target, "loadtest", model, *load_args,
+                            "--duration", str(warmup), "--rows-per-request", str(rows), "--no-progress"],
+                           cwd=REPO_ROOT, check=True, capture_output=True)  # fmt: skip
+        mode = ["--concurrency", str(concurrency)] if concurrency else ["--rate", str(rate)]
+        subprocess.run([sys.executable, "-m", "clients", "--target", target, "loadtest", model, *mode,
+                        "--duration", str(duration), "--rows-per-request", str(rows), "--no-progress",
+                        "--json", out.name],
+                       cwd=REPO_ROOT, check=True, capture_output=True)  # fmt: skip
+        return json.loads(Path(out.name).read_text())
+
+
+def batch_stats(server: ServerProcess, model: str) -> tuple[float, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("model") == model and s.name in (
+                "modelserver_batch_size_rows_sum",
+                "modelserver_batch_size_rows_count",
+            ):
+                values[s.name] = s.value
+    return values.get("modelserver_batch_size_rows_sum", 0.0), values.get("modelserver_batch_size_rows_count", 0.0)
+
+
+def measured(server: ServerProcess | None, target: str, model: str, duration: float, **kwargs) -> dict:
+    """A load run, plus mean rows per executed batch from the server's own metrics over exactly that run."""
+    warmup = kwargs.pop("warmup", 1.0)
+    if warmup:
+        load(target, model, warmup, warmup=0, **kwargs)
+    before = batch_stats(server, model) if server else None
+    result = load(target, model, duration, warmup=0, **kwargs)
+    if server:
+        after = batch_stats(server, model)
+        batches = after[1] - before[1]
+        result["mean_rows_per_batch"] = (after[0] - before[0]) / batches if batches else None
+        result["batches"] = batches
+    latency = result["latency_ms"]
+    log(
+        f"  {model} {kwargs} -> {result['throughput_rps']:.0f} req/s, p50 {latency['p50']:.2f} ms, "
+        f"p99 {latency['p99']:.2f} ms, rows/batch {result.get('mean_rows_per_batch')}, errors {result['errors']}"
+    )
+    return result
+
+
+def start_server(repository: Path, *args: str) -> ServerProcess:
+    server = ServerProcess(repository, args)
+    server.wait_serving()
+    return server
+
+
+def run(duration: float) -> dict:
+    results: dict = {
+        "machine": machine(),
+        "duration_s": duration,
+        "placement": "server and load client in separate processes on the same machine (they share its cores)",
+    }
+    repository = Path(tempfile.mkdtemp(prefix="bench-repo-"))
+
+    log("exporting models")
+    start_server(repository).stop()
+    log("compute ceiling (in-process, no gRPC)")
+    results["compute_ceiling"] = compute_ceiling(repository, min(duration, 2.0))
+    results["machine"]["device"] = results["compute_ceiling"].pop("device")
+
+    log("transport ceiling (bare gRPC echo)")
+    port = free_port()
+    echo = subprocess.Popen([sys.executable, str(REPO_ROOT / "bench" / "echo_server.py"), str(port)],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert echo.stdout is not None and "listening" in echo.stdout.readline()
+        target = f"127.0.0.1:{port}"
+        results["echo"] = {c: measured(None, target, "multi_input", duration, concurrency=c) for c in CONCURRENCIES}
+        results["echo_cnn"] = measured(None, target, "residual_cnn", duration, concurrency=16, rows=CNN_ROWS)
+    finally:
+        echo.terminate()
+        echo.wait()
+
+    variants = {
+        "unbatched": ["--batching", "false"],
+        "batched": [],
+        "batched_fixed_wait": ["--batching-policy", "fixed"],
+    }
+    for variant, args in variants.items():
+        log(f"our server, {variant}: {' '.join(args) or 'defaults'}")
+        server = start_server(repository, *args)
+        try:
+            concurrencies = CONCURRENCIES if variant != "batched_fixed_wait" else (1, 64)
+            results[variant] = {
+                c: measured(server, server.target, "multi_input", duration, concurrency=c) for c in concurrencies
+            }
+            if variant != "batched_fixed_wait":
+                results[f"{variant}_cnn"] = measured(
+                    server, server.target, "residual_cnn", duration, concurrency=16, rows=CNN_ROWS
+                )
+            if variant == "batched":
+                peak = max(r["throughput_rps"] for r in results[variant].values())
+                results["open_loop"] = {
+                    f"{int(share * 100)}%": measured(server, server.target, "multi_input", duration,
+                                                     rate=round(share * peak), warmup=0)
+                    for share in (0.5, 0.9)
+                }  # fmt: skip
+        finally:
+            server.stop()
+    results["ratios"] = ratios(results)
+    return results
+
+
+def ratios(r: dict) -> dict:
+    b, u, e = r["batched"], r["unbatched"], r["echo"]
+    ceiling_32 = r["compute_ceiling"]["residual_cnn"][str(CNN_ROWS)]["rows_per_s"]  # keys from JSON
+    return {
+        "batched_over_unbatched_c64": b[64]["throughput_rps"] / u[64]["throughput_rps"],
+        "batched_over_echo_c64": b[64]["throughput_rps"] / e[64]["throughput_rps"],
+        "batched_over_unbatched_p50_c1": b[1]["latency_ms"]["p50"] / u[1]["latency_ms"]["p50"],
+        "cnn_batched_rows_over_compute_ceiling_32": r["batched_cnn"]["rows_per_s"] / ceiling_32,
+        "cnn_unbatched_rows_over_compute_ceiling_32": r["unbatched_cnn"]["rows_per_s"] / ceiling_32,
+        "idle_over_fixed_wait_c64": b[64]["throughput_rps"] / r["batched_fixed_wait"][64]["throughput_rps"],
+        "idle_over_fixed_wait_p50_c1": b[1]["latency_ms"]["p50"] / r["batched_fixed_wait"][1]["latency_ms"]["p50"],
+        "mean_rows_per_batch_c64": b[64]["mean_rows_per_batch"],
+    }
+
+
+def table(r: dict) -> str:
+    def row(name: str, x: dict) -> str:
+        lat = x["latency_ms"]
+        rpb = x.get("mean_rows_per_batch")
+        return (f"| {name} | {x['throughput_rps']:.0f} | {x['rows_per_s']:.0f} | {lat['p50']:.2f} | {lat['p90']:.2f} | "
+                f"{lat['p99']:.2f} | {lat['max']:.1f} | {'' if rpb is None else f'{rpb:.1f}'} | "
+                f"{sum(x['errors'].values())} |")  # fmt: skip
+
+    lines = ["| run | req/s | rows/s | p50 ms | p90 ms | p99 ms | max ms | rows/batch | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for variant in ("echo", "unbatched", "batched", "batched_fixed_wait"):
+        for c, x in r[variant].items():
+            lines.append(row(f"multi_input {variant} c={c}", x))
+    for variant in ("echo_cnn", "unbatched_cnn", "batched_cnn"):
+        lines.append(row(f"residual_cnn {variant.removesuffix('_cnn')} {CNN_ROWS} rows c=16", r[variant]))
+    for share, x in r["open_loop"].items():
+        lines.append(row(f"multi_input batched open loop {share} ({x['rate']:.0f} req/s)", x))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run (default: 5)")
+    parser.add_argument("--out", type=Path, help="JSON file (default: bench/results/bench-<time>.json)")
+    args = parser.parse_args()
+    results = json.loads(json.dumps(run(args.duration)))  # int keys become strings, as in the file
+    out = args.out or REPO_ROOT / "bench" / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results["command"] = "make bench"
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results["ratios"], indent=2))
+    print(table(results))
+    log(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
