@@ -175,7 +175,10 @@ def test_request_metrics_count_every_call_with_its_code(server, client, keras_mo
             "modelserver_request_duration_seconds_count", model="multi_input", method="PredictMultiInput"
         )
 
-    ok, invalid, observed = requests("OK"), requests("INVALID_ARGUMENT"), duration_count()
+    def rejected_invalid() -> float:
+        return server.metric("modelserver_rejected_requests_total", model="multi_input", reason="invalid")
+
+    ok, invalid, observed, rejected = requests("OK"), requests("INVALID_ARGUMENT"), duration_count(), rejected_invalid()
     inputs = random_inputs(keras_models["multi_input"], 2)
     for _ in range(3):
         client.predict("multi_input", inputs)
@@ -184,6 +187,7 @@ def test_request_metrics_count_every_call_with_its_code(server, client, keras_mo
     assert requests("OK") - ok == 3
     assert requests("INVALID_ARGUMENT") - invalid == 2
     assert duration_count() - observed == 5
+    assert rejected_invalid() - rejected == 2
 
     not_found = server.metric(
         "modelserver_requests_total", model="unknown", method="GetModelMetadata", code="NOT_FOUND"
@@ -215,3 +219,38 @@ def test_async_client_serves_concurrent_callers_their_own_rows(server, keras_mod
     for inputs, served in zip(batches, results, strict=True):
         for name, value in keras_outputs(model, inputs).items():
             np.testing.assert_allclose(served[name], value, atol=1e-5)
+
+
+def test_metadata_reports_batching_settings(client):
+    batching = client.metadata("multi_input").batching
+    assert batching.enabled and batching.policy == "idle"
+    assert (batching.max_batch_size, batching.max_queued_rows, batching.max_batches_in_flight) == (64, 4096, 2)
+    assert list(batching.allowed_batch_sizes) == [1, 2, 4, 8, 16, 32, 64]
+    assert batching.batch_timeout_seconds == pytest.approx(0.01)
+
+
+def test_concurrent_requests_are_batched_and_counted_in_the_batch_metrics(server, keras_models):
+    model = keras_models["multi_input"]
+    requests = [random_inputs(model, 1 + i % 3, seed=100 + i) for i in range(40)]
+    rows = sum(len(r["input_a"]) for r in requests)
+
+    def batches() -> tuple[float, float]:
+        return (
+            server.metric("modelserver_batch_size_rows_count", model="multi_input"),
+            server.metric("modelserver_batch_size_rows_sum", model="multi_input"),
+        )
+
+    count, total = batches()
+    queued = server.metric("modelserver_queue_duration_seconds_count", model="multi_input")
+
+    async def call_all() -> list[dict[str, np.ndarray]]:
+        async with AsyncModelServerClient(server.target, retries=0) as async_client:
+            return list(await asyncio.gather(*(async_client.predict("multi_input", r) for r in requests)))
+
+    for inputs, served in zip(requests, asyncio.run(call_all()), strict=True):
+        np.testing.assert_allclose(served["output"], keras_outputs(model, inputs)["output"], atol=1e-5)
+    new_count, new_total = batches()
+    assert new_total - total == rows  # every row computed once, padding not counted
+    assert 1 <= new_count - count <= len(requests)
+    assert server.metric("modelserver_queue_duration_seconds_count", model="multi_input") - queued == len(requests)
+    assert server.metric("modelserver_queue_rows", model="multi_input") == 0
