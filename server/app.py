@@ -100,7 +100,12 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
 async def serve(settings: Settings) -> int:
     """Run the server until SIGTERM/SIGINT; returns the process exit code."""
     started = time.perf_counter()
-    settings.model_repository.mkdir(parents=True, exist_ok=True)
+    try:
+        settings.model_repository.mkdir(parents=True, exist_ok=True)
+        credentials = _server_credentials(settings) if settings.tls_enabled else None
+    except OSError as error:
+        log.error("cannot start: %s", error)
+        return 1
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="model")
     batcher = Batcher(executor, settings.batching_for)
     core = InferenceService(batcher)
@@ -123,8 +128,8 @@ async def serve(settings: Settings) -> int:
     )
     address = f"{settings.host}:{settings.grpc_port}"
     try:
-        if settings.tls_enabled:
-            port = server.add_secure_port(address, _server_credentials(settings))
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
         else:
             port = server.add_insecure_port(address)
     except RuntimeError as error:
@@ -167,6 +172,8 @@ async def serve(settings: Settings) -> int:
     loading.cancel()
     await health_servicer.enter_graceful_shutdown()
     core.begin_drain()
+    for name in core.model_names():
+        metrics.MODEL_READY.labels(name, str(core.resolve(name).version)).set(0)
     if not await core.wait_idle(settings.grace_period):
         log.warning("grace period over with %d request(s) still running", core.in_flight)
     await server.stop(max(0.0, deadline - time.monotonic()))

@@ -112,6 +112,7 @@ class _ModelQueue:
 
     runtime: ModelRuntime
     metrics: _ModelMetrics
+    batchable: bool  # rows of different requests can be concatenated (no input of variable size)
     tasks: deque[_Task] = field(default_factory=deque)
     rows: int = 0
     running: int = 0
@@ -137,17 +138,16 @@ class Batcher:
     def warm_up(self, runtime: ModelRuntime) -> None:
         """Run every allowed batch size once (blocking), so no request pays for a first call of a shape."""
         config = self.config(runtime.name)
-        for size in config.allowed_batch_sizes if config.enabled else (1,):
+        for size in config.allowed_batch_sizes if config.enabled and _batchable(runtime) else (1,):
             runtime.warm_up(size)
 
     async def run(
         self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None = None
     ) -> dict[str, np.ndarray]:
         config = self.config(runtime.name)
-        if not config.enabled:
-            return await self._run_alone(runtime, inputs, rows, deadline)
         queue = self._queue(runtime)
         if rows > config.max_queued_rows:
+            metrics.REJECTED.labels(runtime.name, "invalid").inc()
             raise InvalidInputError(
                 f"model '{runtime.name}' takes at most {config.max_queued_rows} rows per request, got {rows}; "
                 "split the request"
@@ -162,6 +162,8 @@ class Batcher:
         if deadline is not None and now >= deadline:
             queue.metrics.expired.inc()
             raise DeadlineExpiredError(f"model '{runtime.name}': the deadline passed before the request was queued")
+        if not (config.enabled and queue.batchable):
+            return await self._run_alone(queue, inputs, rows, deadline)
         if (
             config.policy == "idle"
             and queue.running == 0
@@ -198,42 +200,47 @@ class Batcher:
         padded = config.padded_size(rows)
         queue.metrics.queue_duration.observe(0.0)
         queue.running += 1
-        try:
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _execute, queue.runtime, queue.metrics, [inputs], padded
-            )
-        finally:
-            queue.running -= 1
-            if queue.tasks:
-                queue.changed.set()  # requests that arrived meanwhile run next
+        call = asyncio.get_running_loop().run_in_executor(
+            self._executor, _execute, queue.runtime, queue.metrics, [inputs], padded, None, self._clock
+        )
+        # The model call is over only when the executor says so, even if this caller is cancelled first.
+        call.add_done_callback(functools.partial(_end_run_now, queue))
+        outputs = await asyncio.shield(call)
         queue.metrics.batch_size.observe(rows)
         queue.metrics.padding.inc(padded - rows)
         return outputs if padded == rows else {name: value[:rows] for name, value in outputs.items()}
 
     async def _run_alone(
-        self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None
+        self, queue: _ModelQueue, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None
     ) -> dict[str, np.ndarray]:
-        """Batching off: the request is its own model call (still dropped if it expired while waiting)."""
-        name = runtime.name
+        """Batching off (or inputs of variable size): the request is its own model call, still bounded by
+        max_queued_rows and still dropped if its deadline passed while it waited for a thread."""
+        runtime, model_metrics, clock = queue.runtime, queue.metrics, self._clock
 
         def call() -> dict[str, np.ndarray]:
-            if deadline is not None and self._clock() >= deadline:
-                metrics.REJECTED.labels(name, "deadline").inc()
-                raise DeadlineExpiredError(f"model '{name}': the deadline passed while queued")
+            if deadline is not None and clock() >= deadline:
+                model_metrics.expired.inc()
+                raise DeadlineExpiredError(f"model '{runtime.name}': the deadline passed while queued")
             started = time.perf_counter()
             outputs = runtime.predict(inputs)
-            metrics.INFERENCE_DURATION.labels(name).observe(time.perf_counter() - started)
-            metrics.BATCH_SIZE.labels(name).observe(rows)
+            model_metrics.inference.observe(time.perf_counter() - started)
+            model_metrics.batch_size.observe(rows)
             return outputs
 
-        # Cancelling the await cancels the executor job too, as long as it has not started.
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        queue.rows += rows
+        queue.metrics.queue_rows.set(queue.rows)
+        try:
+            # Cancelling the await cancels the executor job too, as long as it has not started.
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        finally:
+            queue.rows -= rows
+            queue.metrics.queue_rows.set(queue.rows)
 
     def _queue(self, runtime: ModelRuntime) -> _ModelQueue:
         key = (runtime.name, runtime.version)
         queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[key] = _ModelQueue(runtime, _ModelMetrics(runtime.name))
+            queue = self._queues[key] = _ModelQueue(runtime, _ModelMetrics(runtime.name), _batchable(runtime))
             queue.loop_task = asyncio.get_running_loop().create_task(self._batch_loop(queue))
             queue.loop_task.add_done_callback(_log_failure)
         return queue
@@ -279,8 +286,9 @@ class Batcher:
         while queue.tasks and rows + queue.tasks[0].rows <= config.max_batch_size:
             task = queue.tasks.popleft()
             queue.rows -= task.rows
-            if task.future.done():
-                queue.metrics.cancelled.inc()
+            if task.future.done():  # cancelled by its caller, or by gRPC when its deadline passed
+                expired = task.deadline is not None and now >= task.deadline
+                (queue.metrics.expired if expired else queue.metrics.cancelled).inc()
                 continue
             if task.deadline is not None and now >= task.deadline:
                 queue.metrics.expired.inc()
@@ -300,44 +308,67 @@ class Batcher:
         queue.running += 1
         rows = sum(t.rows for t in batch)
         padded = config.padded_size(rows)
+        deadlines = [t.deadline for t in batch]
+        latest = None if None in deadlines else max(d for d in deadlines if d is not None)
         future = asyncio.get_running_loop().run_in_executor(
-            self._executor, _execute, queue.runtime, queue.metrics, [t.inputs for t in batch], padded
-        )
+            self._executor, _execute, queue.runtime, queue.metrics, [t.inputs for t in batch], padded, latest,
+            self._clock,
+        )  # fmt: skip
         future.add_done_callback(functools.partial(self._finish_batch, queue, batch, rows, padded))
 
     @staticmethod
     def _finish_batch(
-        queue: _ModelQueue,
-        batch: list[_Task],
-        rows: int,
-        padded: int,
-        future: asyncio.Future[dict[str, np.ndarray]],
+        queue: _ModelQueue, batch: list[_Task], rows: int, padded: int, future: asyncio.Future[dict[str, np.ndarray]]
     ) -> None:
         queue.running -= 1
         if queue.tasks:
             queue.changed.set()  # the batch loop may start the next batch now
-        error = future.exception() if not future.cancelled() else asyncio.CancelledError()
-        if error is not None:
-            log.error("batch of %d rows for model %s failed", rows, queue.runtime.name, exc_info=error)
+        try:
+            if future.cancelled():
+                raise asyncio.CancelledError("the executor shut down before the batch ran")
+            outputs = future.result()
+            offset = 0
+            for task in batch:
+                if not task.future.done():
+                    task.future.set_result({k: v[offset : offset + task.rows] for k, v in outputs.items()})
+                offset += task.rows
+            queue.metrics.batch_size.observe(rows)
+            queue.metrics.padding.inc(padded - rows)
+        except BaseException as error:
+            if isinstance(error, DeadlineExpiredError):
+                queue.metrics.expired.inc(len(batch))
+            else:
+                log.error("batch of %d rows for model %s failed", rows, queue.runtime.name, exc_info=error)
             for task in batch:
                 if not task.future.done():
                     task.future.set_exception(error)
-            return
-        outputs = future.result()
-        queue.metrics.batch_size.observe(rows)
-        queue.metrics.padding.inc(padded - rows)
-        offset = 0
-        for task in batch:
-            if not task.future.done():
-                task.future.set_result({k: v[offset : offset + task.rows] for k, v in outputs.items()})
-            offset += task.rows
+
+
+def _end_run_now(queue: _ModelQueue, call: asyncio.Future[dict[str, np.ndarray]]) -> None:
+    queue.running -= 1
+    if queue.tasks:
+        queue.changed.set()  # requests that arrived meanwhile run next
+    if not call.cancelled():
+        call.exception()  # retrieved here, so a failure after its caller left is not reported as unhandled
+
+
+def _batchable(runtime: ModelRuntime) -> bool:
+    return all(spec.values_per_row is not None for spec in runtime.inputs.values())
 
 
 def _execute(
-    runtime: ModelRuntime, metrics_: _ModelMetrics, parts: list[Mapping[str, np.ndarray]], padded: int
+    runtime: ModelRuntime,
+    metrics_: _ModelMetrics,
+    parts: list[Mapping[str, np.ndarray]],
+    padded: int,
+    deadline: float | None,
+    clock: Callable[[], float],
 ) -> dict[str, np.ndarray]:
     """On the executor: join the tasks' rows, pad to an allowed size and call the model (off the event loop,
-    so preparing this batch overlaps the event loop's work on the next one)."""
+    so preparing this batch overlaps the event loop's work on the next one). A batch whose every deadline
+    passed while it waited for a thread is not run."""
+    if deadline is not None and clock() >= deadline:
+        raise DeadlineExpiredError(f"model '{runtime.name}': the deadline passed while queued")
     inputs = {
         name: _pad(np.concatenate([p[name] for p in parts]) if len(parts) > 1 else parts[0][name], padded)
         for name in runtime.inputs
@@ -345,6 +376,12 @@ def _execute(
     started = time.perf_counter()
     outputs = runtime.predict(inputs)
     metrics_.inference.observe(time.perf_counter() - started)
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != padded:
+            raise ValueError(
+                f"model '{runtime.name}' output '{name}' has shape {value.shape}; batching needs one row per "
+                f"input row ({padded}) first; switch batching off for this model"
+            )
     return outputs
 
 

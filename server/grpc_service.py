@@ -159,7 +159,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        models = [self._core.metadata(name) for name in self._core.model_names()]
+        models = self._core.list_models()
         return pb.ListModelsResponse(
             models=[pb.ModelSummary(name=m.name, versions=m.versions, ready=m.ready) for m in models]
         )

@@ -101,6 +101,8 @@ class InferenceService:
     def resolve(self, name: str, version: int = 0) -> ModelRuntime:
         """The runtime for a model and version (0 = latest loaded)."""
         model = self._models.get(name)
+        if model is None and self.phase is Phase.STARTING:
+            raise UnavailableError(f"the server is starting: model '{name}' may still be loading; retry shortly")
         if model is None:
             known = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFoundError(f"no model named '{name}'; available models: {known}")
@@ -161,6 +163,12 @@ class InferenceService:
 
     def model_names(self) -> list[str]:
         return sorted(self._models)
+
+    def list_models(self) -> list[ModelMetadata]:
+        """Every loaded model's metadata; UNAVAILABLE while the repository is still loading."""
+        if self.phase is Phase.STARTING:
+            raise UnavailableError("the server is starting: models are still loading; retry shortly")
+        return [self.metadata(name) for name in self.model_names()]
 
     def metadata(self, name: str, version: int = 0) -> ModelMetadata:
         runtime = self.resolve(name, version)

@@ -71,7 +71,7 @@ MODEL_READY = Gauge(
 )
 MODEL_LOAD_DURATION = Gauge(
     "modelserver_model_load_duration_seconds",
-    "Seconds the last load of the model took: export if needed, load and warm-up.",
+    "Seconds the last load of the model took: loading the SavedModel and warming up every batch size.",
     ["model"],
 )
 DEVICE_INFO = Gauge(

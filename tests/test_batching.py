@@ -43,6 +43,7 @@ class GatedRuntime:
         self.gate.set()
         self.started = threading.Event()
         self.fail_next = False
+        self.scalar_outputs = False
 
     def predict(self, inputs):
         self.calls.append(next(iter(inputs.values())).shape[0])
@@ -51,7 +52,10 @@ class GatedRuntime:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected device fault")
-        return self.runtime.predict(inputs)
+        outputs = self.runtime.predict(inputs)
+        if self.scalar_outputs:  # a user's model whose output is not one row per input row
+            return {name: value.sum() for name, value in outputs.items()}
+        return outputs
 
 
 class ManualClock:
@@ -323,3 +327,46 @@ def test_idle_policy_learns_to_wait_under_load_and_stops_for_a_lone_caller(execu
 
     asyncio.run(scenario())
     assert runtime.calls == [1, 2, 1, 1]
+
+
+def test_a_model_whose_outputs_are_not_per_row_fails_its_batch_instead_of_hanging(executor, runtime):
+    runtime.scalar_outputs = True
+
+    async def scenario():
+        batcher = make_batcher(executor, max_batch_size=8, batch_timeout=0.01, policy="fixed")
+        calls = [batcher.run(runtime, rows_of(1, seed=i), 1) for i in range(3)]
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, ValueError) and "batching needs one row per input row" in str(r) for r in results)
+
+
+def test_cancelling_a_lone_request_does_not_free_the_model_before_its_call_ends(executor, runtime):
+    async def scenario():
+        batcher = make_batcher(executor, max_batch_size=8, max_batches_in_flight=1)
+        runtime.gate.clear()
+        lone = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=0), 1))
+        await asyncio.to_thread(runtime.started.wait, 10)
+        lone.cancel()
+        follower = asyncio.create_task(batcher.run(runtime, rows_of(2, seed=1), 2))
+        await asyncio.sleep(0.05)
+        assert runtime.calls == [1], "the model is still busy with the cancelled call: the next one must wait"
+        runtime.gate.set()
+        return await follower
+
+    assert asyncio.run(scenario())["output"].shape == (2, 1)
+    assert runtime.calls == [1, 2]
+
+
+def test_batching_off_still_bounds_the_queue(executor, runtime):
+    async def scenario():
+        batcher = make_batcher(executor, enabled=False, max_batch_size=4, max_queued_rows=4)
+        runtime.gate.clear()
+        held = asyncio.create_task(batcher.run(runtime, rows_of(4, seed=0), 4))
+        await asyncio.to_thread(runtime.started.wait, 10)
+        with pytest.raises(OverloadedError, match=r"queue is full \(4 of 4 rows queued\)"):
+            await batcher.run(runtime, rows_of(1, seed=1), 1)
+        runtime.gate.set()
+        return await held
+
+    assert asyncio.run(scenario())["output"].shape == (4, 1)

@@ -23,7 +23,14 @@ ROWS = 1500  # a residual_cnn call of this size takes a noticeable time, so requ
 def test_unavailable_while_loading_then_drain_on_sigterm(tmp_path, keras_models):
     # A fresh repository: the server exports the models first, so it is reachable but not ready for a while.
     # One model thread and no batching for the CNN: each big request is one long model call, run one at a time.
-    args = ["--grace-period", "30", "--inference-threads", "1", "--model-batching", "residual_cnn:enabled=false"]
+    args = [
+        "--grace-period",
+        "30",
+        "--inference-threads",
+        "1",
+        "--model-batching",
+        "residual_cnn:enabled=false,max_queued_rows=20000",
+    ]
     server = ServerProcess(tmp_path, args)
     try:
         with ModelServerClient(server.target, retries=0, timeout=60) as client:
@@ -31,6 +38,8 @@ def test_unavailable_while_loading_then_drain_on_sigterm(tmp_path, keras_models)
             error = rpc_error(client.predict, "multi_input", small)
             assert error.code() == grpc.StatusCode.UNAVAILABLE
             assert "starting" in error.details()
+            for call, args in ((client.metadata, ("multi_input",)), (client.list_models, ())):
+                assert rpc_error(call, *args).code() == grpc.StatusCode.UNAVAILABLE
             assert server.health() == "NOT_SERVING"
             server.wait_serving()
 
@@ -59,6 +68,7 @@ def test_unavailable_while_loading_then_drain_on_sigterm(tmp_path, keras_models)
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             assert server.metric("modelserver_inflight_requests", model="residual_cnn") > 0, "drain already over"
+            assert server.metric("modelserver_model_ready", model="residual_cnn", version="1") == 0
             refused = rpc_error(client.predict, "multi_input", small)
             assert refused.code() == grpc.StatusCode.UNAVAILABLE
             assert "shutting down" in refused.details()
