@@ -100,6 +100,15 @@ def _typed(model: str) -> _TypedModel:
         ) from None
 
 
+def _open_channel(
+    module: Any, target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+) -> Any:
+    """A channel from `grpc` or `grpc.aio` (same signatures): TLS when credentials are given."""
+    if credentials is not None:
+        return module.secure_channel(target, credentials, options)
+    return module.insecure_channel(target, options)
+
+
 def health_status_name(response: health_pb2.HealthCheckResponse) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
@@ -116,10 +125,7 @@ class ModelServerClient:
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        options = channel_options(retries, max_message_bytes)
-        self._channel = (
-            grpc.secure_channel(target, credentials, options) if credentials else grpc.insecure_channel(target, options)
-        )
+        self._channel = _open_channel(grpc, target, credentials, channel_options(retries, max_message_bytes))
         self._stub = pb_grpc.ModelServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout
@@ -175,12 +181,7 @@ class AsyncModelServerClient:
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        options = channel_options(retries, max_message_bytes)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options)
-            if credentials
-            else grpc.aio.insecure_channel(target, options)
-        )
+        self._channel = _open_channel(grpc.aio, target, credentials, channel_options(retries, max_message_bytes))
         self._stub = pb_grpc.ModelServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout
