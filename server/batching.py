@@ -2,8 +2,9 @@
 
 Each request becomes one or more tasks of at most max_batch_size rows, each with its own future. One
 loop per model forms batches: a batch runs when it holds max_batch_size rows, when its oldest task has
-waited batch_timeout, or, under the "idle" policy, at once when the model has no batch running (so a
-lone request pays no wait and batches grow with load by themselves). A batch is padded up to the next
+waited batch_timeout, or, under the "idle" policy, when the model has no batch running and the oldest task
+has waited the model's learned wait: none for a lone caller (who runs at once, without even queueing),
+growing under concurrent load so that batches fill (Batcher._adapt_window). A batch is padded up to the next
 allowed size, so the model only ever sees shapes warmed up before SERVING; padding rows are dropped
 from the results. Cancelled and expired tasks are dropped before a batch runs, the queue is bounded in
 rows, and a failing batch fails only its own tasks.
