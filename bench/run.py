@@ -4,9 +4,10 @@ References: the compute ceiling (the SavedModel signature called in-process at e
 the transport ceiling (bench/echo_server.py on the same gRPC stack), and our server with batching off.
 Load comes from `python -m clients loadtest` in its own process, closed loop with 1-row requests at
 concurrency 1, 16, 64 and 256, multi-row residual_cnn requests, and open-loop runs at 50 % and 90 % of the
-batched maximum. Prints JSON (also written to bench/results/) and a markdown table.
+batched maximum. Every server runs at once and each load is run against them in turn, several rounds, keeping
+each one's median. Prints JSON (also written to bench/results/) and a markdown table.
 
-Usage: python bench/run.py [--duration S] [--out FILE]
+Usage: python bench/run.py [--duration S] [--rounds N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def batch_stats(server: ServerProcess, model: str) -> tuple[float, float]:
 
 def measured(server: ServerProcess | None, target: str, model: str, duration: float, **kwargs) -> dict:
     """A load run, plus mean rows per executed batch from the server's own metrics over exactly that run."""
-    warmup = kwargs.pop("warmup", 1.0)
+    warmup = kwargs.pop("warmup", 0.5)
     if warmup:
         load(target, model, warmup, warmup=0, **kwargs)
     before = batch_stats(server, model) if server else None
@@ -120,11 +121,43 @@ def start_server(repository: Path, *args: str) -> ServerProcess:
     return server
 
 
-def run(duration: float) -> dict:
+class EchoServer:
+    """bench/echo_server.py in its own process."""
+
+    def __init__(self) -> None:
+        port = free_port()
+        script = str(REPO_ROOT / "bench" / "echo_server.py")
+        self.process = subprocess.Popen([sys.executable, script, str(port)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                        text=True)  # fmt: skip
+        assert self.process.stdout is not None and "listening" in self.process.stdout.readline()
+        self.target = f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+def interleaved(
+    targets: dict[str, ServerProcess | EchoServer], model: str, duration: float, rounds: int, **kwargs
+) -> dict[str, dict]:
+    """Run the same load against every target in turn, `rounds` times, and keep each target's median run
+    (by throughput). The machines here are shared and their speed drifts over seconds: interleaving puts
+    the same drift on every target, so the ratios hold even when the absolute numbers move."""
+    runs: dict[str, list[dict]] = {name: [] for name in targets}
+    for _ in range(rounds):
+        for name, target in targets.items():
+            server = target if isinstance(target, ServerProcess) else None
+            runs[name].append(measured(server, target.target, model, duration, **kwargs))
+    return {name: sorted(r, key=lambda x: x["throughput_rps"])[len(r) // 2] for name, r in runs.items()}
+
+
+def run(duration: float, rounds: int) -> dict:
     results: dict = {
         "machine": machine(),
         "duration_s": duration,
-        "placement": "server and load client in separate processes on the same machine (they share its cores)",
+        "rounds": rounds,
+        "placement": "servers and load client in separate processes on the same machine (they share its cores); "
+        "all servers run at once, idle but one, and are loaded in turn",
     }
     repository = Path(tempfile.mkdtemp(prefix="bench-repo-"))
 
@@ -134,45 +167,36 @@ def run(duration: float) -> dict:
     results["compute_ceiling"] = compute_ceiling(repository, min(duration, 2.0))
     results["machine"]["device"] = results["compute_ceiling"].pop("device")
 
-    log("transport ceiling (bare gRPC echo)")
-    port = free_port()
-    echo = subprocess.Popen([sys.executable, str(REPO_ROOT / "bench" / "echo_server.py"), str(port)],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    log("starting the echo server and our server unbatched, batched, and batched with the fixed wait")
+    targets: dict[str, ServerProcess | EchoServer] = {"echo": EchoServer()}
     try:
-        assert echo.stdout is not None and "listening" in echo.stdout.readline()
-        target = f"127.0.0.1:{port}"
-        results["echo"] = {c: measured(None, target, "multi_input", duration, concurrency=c) for c in CONCURRENCIES}
-        results["echo_cnn"] = measured(None, target, "residual_cnn", duration, concurrency=16, rows=CNN_ROWS)
+        targets["unbatched"] = start_server(repository, "--batching", "false")
+        targets["batched"] = start_server(repository)
+        targets["batched_fixed_wait"] = start_server(repository, "--batching-policy", "fixed")
+        for variant in targets:
+            results[variant] = {}
+        for c in CONCURRENCIES:
+            log(f"multi_input, 1-row requests, concurrency {c}")
+            chosen = targets if c in (1, 64) else {k: v for k, v in targets.items() if k != "batched_fixed_wait"}
+            for variant, result in interleaved(chosen, "multi_input", duration, rounds, concurrency=c).items():
+                results[variant][c] = result
+        log(f"residual_cnn, {CNN_ROWS}-row requests, concurrency 16")
+        cnn_targets = {k: v for k, v in targets.items() if k != "batched_fixed_wait"}
+        for variant, result in interleaved(cnn_targets, "residual_cnn", duration, rounds, concurrency=16,
+                                           rows=CNN_ROWS).items():  # fmt: skip
+            results[f"{variant}_cnn"] = result
+        peak = max(r["throughput_rps"] for r in results["batched"].values())
+        log(f"open loop at 50 % and 90 % of the batched peak ({peak:.0f} req/s)")
+        batched = targets["batched"]
+        assert isinstance(batched, ServerProcess)
+        results["open_loop"] = {
+            f"{int(share * 100)}%": measured(batched, batched.target, "multi_input", duration,
+                                             rate=round(share * peak), warmup=0)
+            for share in (0.5, 0.9)
+        }  # fmt: skip
     finally:
-        echo.terminate()
-        echo.wait()
-
-    variants = {
-        "unbatched": ["--batching", "false"],
-        "batched": [],
-        "batched_fixed_wait": ["--batching-policy", "fixed"],
-    }
-    for variant, args in variants.items():
-        log(f"our server, {variant}: {' '.join(args) or 'defaults'}")
-        server = start_server(repository, *args)
-        try:
-            concurrencies = CONCURRENCIES if variant != "batched_fixed_wait" else (1, 64)
-            results[variant] = {
-                c: measured(server, server.target, "multi_input", duration, concurrency=c) for c in concurrencies
-            }
-            if variant != "batched_fixed_wait":
-                results[f"{variant}_cnn"] = measured(
-                    server, server.target, "residual_cnn", duration, concurrency=16, rows=CNN_ROWS
-                )
-            if variant == "batched":
-                peak = max(r["throughput_rps"] for r in results[variant].values())
-                results["open_loop"] = {
-                    f"{int(share * 100)}%": measured(server, server.target, "multi_input", duration,
-                                                     rate=round(share * peak), warmup=0)
-                    for share in (0.5, 0.9)
-                }  # fmt: skip
-        finally:
-            server.stop()
+        for target in targets.values():
+            target.stop()
     results["ratios"] = ratios(results)
     return results
 
@@ -214,10 +238,11 @@ def table(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run (default: 5)")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per measured run (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per target, median kept (default: 3)")
     parser.add_argument("--out", type=Path, help="JSON file (default: bench/results/bench-<time>.json)")
     args = parser.parse_args()
-    results = json.loads(json.dumps(run(args.duration)))  # int keys become strings, as in the file
+    results = json.loads(json.dumps(run(args.duration, args.rounds)))  # int keys become strings, as in the file
     out = args.out or REPO_ROOT / "bench" / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     results["command"] = "make bench"

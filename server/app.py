@@ -33,8 +33,13 @@ def _load_model(versions: list[repository.ModelVersion], device: str, batcher: B
     """Load the latest version of one model and warm up every batch size (blocking; runs on the executor)."""
     latest = versions[-1]
     started = time.perf_counter()
-    runtime = ModelRuntime(latest.name, latest.version, latest.path, device)
-    batcher.warm_up(runtime)
+    try:
+        runtime = ModelRuntime(latest.name, latest.version, latest.path, device)
+        batcher.warm_up(runtime)
+    except Exception as error:
+        raise RuntimeError(
+            f"cannot load model '{latest.name}' version {latest.version} from {latest.path}: {error}"
+        ) from error
     metrics.MODEL_LOAD_DURATION.labels(latest.name).set(time.perf_counter() - started)
     log.info(
         "loaded %s version %d from %s in %.2fs",
