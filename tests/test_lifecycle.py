@@ -58,9 +58,10 @@ def test_unavailable_while_loading_then_drain_on_sigterm(tmp_path, keras_models)
             threads = [threading.Thread(target=call, args=(i,)) for i in range(IN_FLIGHT)]
             for thread in threads:
                 thread.start()
+            # Usually all six are in flight at once; two (one running, one waiting) are enough for the test.
             deadline = time.monotonic() + 60
-            while server.metric("modelserver_inflight_requests", model="residual_cnn") < IN_FLIGHT:
-                assert time.monotonic() < deadline, "requests never all reached the server"
+            while (accepted := server.metric("modelserver_inflight_requests", model="residual_cnn")) < 2:
+                assert time.monotonic() < deadline, "requests never reached the server"
                 time.sleep(0.005)
 
             server.process.send_signal(signal.SIGTERM)
@@ -76,10 +77,16 @@ def test_unavailable_while_loading_then_drain_on_sigterm(tmp_path, keras_models)
             for thread in threads:
                 thread.join(60)
         assert server.process.wait(60) == 0
+        completed = 0
         for i, result in enumerate(results):
-            assert isinstance(result, pb.PredictResidualCnnResponse), f"accepted request {i} was lost: {result}"
+            if isinstance(result, grpc.RpcError):  # sent after SIGTERM: refused, never accepted
+                assert result.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in result.details(), result
+                continue
+            assert isinstance(result, pb.PredictResidualCnnResponse), f"request {i}: {result}"
             expected = keras_outputs(keras_models["residual_cnn"], {"image": images[i]})["probabilities"]
             np.testing.assert_allclose(np.reshape(result.probabilities, (-1, 10)), expected, atol=1e-5)
+            completed += 1
+        assert completed >= accepted, "an accepted request was lost"
         assert "stopped" in server.log_text()
     finally:
         server.kill()
