@@ -91,6 +91,7 @@ class _Task:
     future: asyncio.Future[dict[str, np.ndarray]]
     enqueued: float
     deadline: float | None  # on the batcher's clock
+    request: object  # shared by the chunks of one split request
 
 
 class _ModelMetrics:
@@ -172,12 +173,13 @@ class Batcher:
             and queue.window == 0.0
             and rows <= config.max_batch_size
         ):
-            return await self._run_now(queue, config, inputs, rows)
+            return await self._run_now(queue, config, inputs, rows, deadline)
         loop = asyncio.get_running_loop()
         step = config.max_batch_size
+        request = object()
         tasks = [
             _Task({k: v[start : start + step] for k, v in inputs.items()}, min(step, rows - start),
-                  loop.create_future(), now, deadline)
+                  loop.create_future(), now, deadline, request)
             for start in range(0, rows, step)
         ]  # fmt: skip
         queue.tasks.extend(tasks)
@@ -195,15 +197,20 @@ class Batcher:
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     async def _run_now(
-        self, queue: _ModelQueue, config: BatchingConfig, inputs: Mapping[str, np.ndarray], rows: int
+        self,
+        queue: _ModelQueue,
+        config: BatchingConfig,
+        inputs: Mapping[str, np.ndarray],
+        rows: int,
+        deadline: float | None,
     ) -> dict[str, np.ndarray]:
         """A lone request on an idle model is a batch by itself, run at once without queueing (no latency tax)."""
         padded = config.padded_size(rows)
         queue.metrics.queue_duration.observe(0.0)
-        queue.running += 1
         call = asyncio.get_running_loop().run_in_executor(
-            self._executor, _execute, queue.runtime, queue.metrics, [inputs], padded, None, self._clock
+            self._executor, _execute, queue.runtime, queue.metrics, [inputs], padded, deadline, self._clock
         )
+        queue.running += 1
         # The model call is over only when the executor says so, even if this caller is cancelled first.
         call.add_done_callback(functools.partial(_end_run_now, queue))
         outputs = await asyncio.shield(call)
@@ -273,7 +280,8 @@ class Batcher:
         concurrent load: wait longer (up to batch_timeout), since fewer, larger model calls save the server
         CPU per request. A batch of one means a lone caller: halve the wait, down to none, so that a caller
         on its own never pays for waiting."""
-        if len(queue.tasks) > 1:
+        # Chunks of one request are queued together, so several requests are queued iff first and last differ.
+        if queue.tasks and queue.tasks[0].request is not queue.tasks[-1].request:
             queue.window = min(config.batch_timeout, max(2 * queue.window, MIN_WINDOW))
         else:
             queue.window = queue.window / 2 if queue.window > MIN_WINDOW else 0.0
@@ -306,15 +314,21 @@ class Batcher:
         batch = self._take_batch(queue, config)
         if not batch:
             return
-        queue.running += 1
         rows = sum(t.rows for t in batch)
         padded = config.padded_size(rows)
         deadlines = [t.deadline for t in batch]
         latest = None if None in deadlines else max(d for d in deadlines if d is not None)
-        future = asyncio.get_running_loop().run_in_executor(
-            self._executor, _execute, queue.runtime, queue.metrics, [t.inputs for t in batch], padded, latest,
-            self._clock,
-        )  # fmt: skip
+        try:
+            future = asyncio.get_running_loop().run_in_executor(
+                self._executor, _execute, queue.runtime, queue.metrics, [t.inputs for t in batch], padded, latest,
+                self._clock,
+            )  # fmt: skip
+        except RuntimeError as error:  # the executor is shut down: fail this batch, keep the loop alive
+            for task in batch:
+                if not task.future.done():
+                    task.future.set_exception(error)
+            return
+        queue.running += 1
         future.add_done_callback(functools.partial(self._finish_batch, queue, batch, rows, padded))
 
     @staticmethod
@@ -349,8 +363,9 @@ def _end_run_now(queue: _ModelQueue, call: asyncio.Future[dict[str, np.ndarray]]
     queue.running -= 1
     if queue.tasks:
         queue.changed.set()  # requests that arrived meanwhile run next
-    if not call.cancelled():
-        call.exception()  # retrieved here, so a failure after its caller left is not reported as unhandled
+    # Retrieved here, so a failure after its caller left is not reported as unhandled.
+    if not call.cancelled() and isinstance(call.exception(), DeadlineExpiredError):
+        queue.metrics.expired.inc()
 
 
 def _batchable(runtime: ModelRuntime) -> bool:

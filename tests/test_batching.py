@@ -370,3 +370,40 @@ def test_batching_off_still_bounds_the_queue(executor, runtime):
         return await held
 
     assert asyncio.run(scenario())["output"].shape == (4, 1)
+
+
+def test_a_lone_caller_sending_split_requests_never_learns_to_wait(executor, runtime):
+    clock = ManualClock()  # stands still: any learned wait would never end
+
+    async def scenario():
+        batcher = make_batcher(executor, clock=clock, max_batch_size=8, batch_timeout=1.0, policy="idle")
+        for _ in range(3):
+            await asyncio.wait_for(batcher.run(runtime, rows_of(20, seed=0), 20), 10)  # three chunks, one caller
+            await asyncio.wait_for(batcher.run(runtime, rows_of(1, seed=1), 1), 10)
+
+    asyncio.run(scenario())
+    assert runtime.calls.count(1) == 3
+
+
+def test_a_lone_request_that_expires_waiting_for_a_thread_never_reaches_the_model(runtime):
+    clock = ManualClock()
+    expired = sample("modelserver_rejected_requests_total", reason="deadline")
+
+    async def scenario(one_thread):
+        busy = make_batcher(one_thread, clock=clock, enabled=False)
+        lone = make_batcher(one_thread, clock=clock)
+        runtime.gate.clear()
+        holder = asyncio.create_task(busy.run(runtime, rows_of(1, seed=0), 1))
+        await asyncio.to_thread(runtime.started.wait, 10)
+        late = asyncio.create_task(lone.run(runtime, rows_of(2, seed=1), 2, deadline=clock.now + 5))
+        await settle()
+        clock.now += 10  # it expires while the only thread is busy
+        runtime.gate.set()
+        await holder
+        with pytest.raises(DeadlineExpiredError):
+            await late
+
+    with ThreadPoolExecutor(1) as one_thread:
+        asyncio.run(scenario(one_thread))
+    assert runtime.calls == [1]
+    assert sample("modelserver_rejected_requests_total", reason="deadline") - expired == 1
