@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -124,15 +124,38 @@ class InferenceService:
         `deadline` is a time.monotonic() value after which the request is no longer worth running.
         """
         self._check_accepting()
-        runtime = self.resolve(name, version)
+        return await self._run(self.resolve(name, version), lambda runtime: inputs, deadline)
+
+    async def infer_flat(
+        self, name: str, version: int, flat_inputs: Mapping[str, np.ndarray], deadline: float | None = None
+    ) -> InferenceResult:
+        """Like infer, for flat row-major arrays (packed proto fields), reshaped by the model's specs."""
+        self._check_accepting()
+
+        def reshaped(runtime: ModelRuntime) -> Mapping[str, np.ndarray]:
+            return {
+                key: rows_from_flat(name, runtime.inputs[key], value) if key in runtime.inputs else value
+                for key, value in flat_inputs.items()
+            }
+
+        return await self._run(self.resolve(name, version), reshaped, deadline)
+
+    async def _run(
+        self,
+        runtime: ModelRuntime,
+        prepare: Callable[[ModelRuntime], Mapping[str, np.ndarray]],
+        deadline: float | None,
+    ) -> InferenceResult:
+        """Prepare and validate the inputs (counting rejections), then run them, tracked as in flight."""
         try:
-            rows = validate_inputs(name, runtime.inputs, inputs)
+            inputs = prepare(runtime)
+            rows = validate_inputs(runtime.name, runtime.inputs, inputs)
         except InvalidInputError:
-            metrics.REJECTED.labels(name, "invalid").inc()
+            metrics.REJECTED.labels(runtime.name, "invalid").inc()
             raise
         self._in_flight += 1
         self._idle.clear()
-        in_flight = metrics.IN_FLIGHT.labels(name)
+        in_flight = metrics.IN_FLIGHT.labels(runtime.name)
         in_flight.inc()
         try:
             outputs = await self._runner.run(runtime, inputs, rows, deadline)
@@ -142,22 +165,6 @@ class InferenceService:
             if self._in_flight == 0:
                 self._idle.set()
         return InferenceResult(runtime.version, outputs)
-
-    async def infer_flat(
-        self, name: str, version: int, flat_inputs: Mapping[str, np.ndarray], deadline: float | None = None
-    ) -> InferenceResult:
-        """Like infer, for flat row-major arrays (packed proto fields), reshaped by the model's specs."""
-        self._check_accepting()
-        runtime = self.resolve(name, version)
-        try:
-            inputs = {
-                key: rows_from_flat(name, runtime.inputs[key], value) if key in runtime.inputs else value
-                for key, value in flat_inputs.items()
-            }
-        except InvalidInputError:
-            metrics.REJECTED.labels(name, "invalid").inc()
-            raise
-        return await self.infer(name, version, inputs, deadline)
 
     # -- introspection ----------------------------------------------------------------------------
 
