@@ -65,15 +65,9 @@ def load(
     concurrency: int | None = None,
     rate: float | None = None,
     rows: int = 1,
-    warmup: float = 1.0,
 ) -> dict:
     """One load-test run from a separate client process; returns its JSON summary."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        if warmup:
-            load_args = ["--concurrency", str(concurrency or 16)]
-            subprocess.run([sys.executable, "-m", "clients", "--target", target, "loadtest", model, *load_args,
-                            "--duration", str(warmup), "--rows-per-request", str(rows), "--no-progress"],
-                           cwd=REPO_ROOT, check=True, capture_output=True)  # fmt: skip
         mode = ["--concurrency", str(concurrency)] if concurrency else ["--rate", str(rate)]
         subprocess.run([sys.executable, "-m", "clients", "--target", target, "loadtest", model, *mode,
                         "--duration", str(duration), "--rows-per-request", str(rows), "--no-progress",
@@ -99,9 +93,9 @@ def measured(server: ServerProcess | None, target: str, model: str, duration: fl
     """A load run, plus mean rows per executed batch from the server's own metrics over exactly that run."""
     warmup = kwargs.pop("warmup", 0.5)
     if warmup:
-        load(target, model, warmup, warmup=0, **kwargs)
+        load(target, model, warmup, **kwargs)
     before = batch_stats(server, model) if server else None
-    result = load(target, model, duration, warmup=0, **kwargs)
+    result = load(target, model, duration, **kwargs)
     if server:
         after = batch_stats(server, model)
         batches = after[1] - before[1]
