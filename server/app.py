@@ -13,12 +13,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from models.registry import BUILTIN_MODELS
-from modelserver.v1 import modelserver_pb2, modelserver_pb2_grpc
+from modelserver.v1 import modelserver_pb2
 from server import metrics, repository
 from server.batching import Batcher
 from server.device import select_device
 from server.grpc_service import ModelService
 from server.inference import InferenceService
+from server.rpc import add_service
 from server.runtime import ModelRuntime
 from server.settings import Settings
 
@@ -125,7 +126,7 @@ async def serve(settings: Settings) -> int:
             ("grpc.so_reuseport", 0),  # a port already in use is an error, not a silent second listener
         ]
     )
-    modelserver_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core), server)
+    add_service(server, ModelService(core), modelserver_pb2.DESCRIPTOR.services_by_name["ModelService"])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

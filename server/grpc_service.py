@@ -1,16 +1,12 @@
 """The modelserver.v1.ModelService servicer: decode, hand to the core, encode. Nothing else.
 
-Every RPC goes through `_rpc`, which maps core errors to status codes and records the request
+Every RPC goes through `server.rpc.rpc`, which maps core errors to status codes and records the request
 metrics with the final code, cancellations and deadlines included.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,52 +14,8 @@ import numpy as np
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 from server.inference import InferenceService, ModelMetadata
-from server.metrics import REQUEST_DURATION, REQUESTS
-from server.status import to_status
+from server.rpc import deadline_of, rpc
 from server.tensors import TensorSpec
-
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
-
-
-def _final_code_of_cancelled(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
-
-
-def _rpc(method: str, model: Callable[[Any, Any], str]) -> Callable[[Handler], Handler]:
-    """Wrap a handler: status mapping for errors, and modelserver_requests_total / duration metrics."""
-
-    def decorate(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            model_label = model(self, request)
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                return await handler(self, request, context)
-            except asyncio.CancelledError:
-                code = _final_code_of_cancelled(context)
-                raise
-            except Exception as error:
-                code, message = to_status(error)
-                await context.abort(code, message)
-            finally:
-                REQUESTS.labels(model_label, method, code.name).inc()
-                REQUEST_DURATION.labels(model_label, method).observe(time.perf_counter() - started)
-
-        return wrapper
-
-    return decorate
-
-
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline on the time.monotonic() clock, or None when the caller set none."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 def _floats(field: Any) -> np.ndarray:
@@ -107,7 +59,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
         """A metric label for a caller-supplied model name: unknown names share one label."""
         return name if name in self._core.model_names() else "unknown"
 
-    @_rpc("PredictMultiInput", lambda self, request: "multi_input")
+    @rpc("PredictMultiInput", lambda self, request: "multi_input")
     async def PredictMultiInput(
         self, request: pb.PredictMultiInputRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictMultiInputResponse:
@@ -115,11 +67,11 @@ class ModelService(pb_grpc.ModelServiceServicer):
             "multi_input",
             request.version,
             {"input_a": _floats(request.input_a), "input_b": _floats(request.input_b)},
-            _deadline(context),
+            deadline_of(context),
         )
         return pb.PredictMultiInputResponse(output=result.outputs["output"].ravel().tolist(), version=result.version)
 
-    @_rpc("PredictSharedLayer", lambda self, request: "shared_layer")
+    @rpc("PredictSharedLayer", lambda self, request: "shared_layer")
     async def PredictSharedLayer(
         self, request: pb.PredictSharedLayerRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictSharedLayerResponse:
@@ -127,7 +79,7 @@ class ModelService(pb_grpc.ModelServiceServicer):
             "shared_layer",
             request.version,
             {"input_a": _floats(request.input_a), "input_b": _floats(request.input_b)},
-            _deadline(context),
+            deadline_of(context),
         )
         return pb.PredictSharedLayerResponse(
             output_a=result.outputs["output_a"].ravel().tolist(),
@@ -135,12 +87,12 @@ class ModelService(pb_grpc.ModelServiceServicer):
             version=result.version,
         )
 
-    @_rpc("PredictResidualCnn", lambda self, request: "residual_cnn")
+    @rpc("PredictResidualCnn", lambda self, request: "residual_cnn")
     async def PredictResidualCnn(
         self, request: pb.PredictResidualCnnRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResidualCnnResponse:
         result = await self._core.infer_flat(
-            "residual_cnn", request.version, {"image": _floats(request.image)}, _deadline(context)
+            "residual_cnn", request.version, {"image": _floats(request.image)}, deadline_of(context)
         )
         probabilities = result.outputs["probabilities"]
         return pb.PredictResidualCnnResponse(
@@ -149,13 +101,13 @@ class ModelService(pb_grpc.ModelServiceServicer):
             version=result.version,
         )
 
-    @_rpc("GetModelMetadata", lambda self, request: self._known(request.name))
+    @rpc("GetModelMetadata", lambda self, request: self._known(request.name))
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelMetadataResponse:
         return metadata_message(self._core.metadata(request.name, request.version))
 
-    @_rpc("ListModels", lambda self, request: "")
+    @rpc("ListModels", lambda self, request: "")
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:

@@ -1,0 +1,129 @@
+"""What every servicer shares: the per-RPC wrapper (status mapping, request metrics) and registration of a
+service whose request messages are decoded safely.
+
+Every servicer of every protocol is registered with `add_service` and wraps its unary handlers in `rpc`,
+so undecodable bytes, errors, cancellations and deadlines are answered and counted the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
+
+from server.errors import InvalidInputError
+from server.metrics import REQUEST_DURATION, REQUESTS
+from server.status import to_status
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+class MalformedRequest:
+    """Stands in for a request message whose bytes did not decode; `rpc` answers it INVALID_ARGUMENT.
+
+    Decoding in gRPC's own deserializer would fail the call with UNKNOWN and a traceback in the log,
+    before our handler (and its metrics) could see it.
+    """
+
+    def __init__(self, message_type: str, size: int, reason: str) -> None:
+        self.message_type = message_type
+        self.size = size
+        self.reason = reason
+
+    def error(self) -> InvalidInputError:
+        return InvalidInputError(
+            f"the request is not a valid {self.message_type} message ({self.size} bytes: {self.reason[:80]}); "
+            "send a message encoded from the service's .proto"
+        )
+
+
+def _safe_decoder(message_class: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
+    full_name = message_class.DESCRIPTOR.full_name
+
+    def decode(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, RuntimeError, ValueError) as error:
+            return MalformedRequest(full_name, len(data), str(error) or type(error).__name__)
+
+    return decode
+
+
+def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
+    """Register every method of `service` that `servicer` implements, decoding requests with `_safe_decoder`."""
+    handlers = {}
+    for method in service.methods:
+        behaviour = getattr(servicer, method.name, None)
+        if behaviour is None:
+            continue
+        request_class = GetMessageClass(method.input_type)
+        response_class = GetMessageClass(method.output_type)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            behaviour,
+            request_deserializer=_safe_decoder(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def final_code_of_cancelled(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The code a cancelled handler's RPC ended with: DEADLINE_EXCEEDED when its deadline passed."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the time.monotonic() clock, or None when the caller set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def rpc(method: str, model: Callable[[Any, Any], str]) -> Callable[[Handler], Handler]:
+    """Wrap a unary handler: malformed requests, status mapping for errors, and the request metrics
+    (modelserver_requests_total with the final code, modelserver_request_duration_seconds).
+
+    `model(self, request)` gives the metric's model label; it must map unknown names to one label.
+    """
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            model_label = "unknown"
+            try:
+                if isinstance(request, MalformedRequest):
+                    raise request.error()
+                model_label = model(self, request)
+                return await handler(self, request, context)
+            except asyncio.CancelledError:
+                code = final_code_of_cancelled(context)
+                raise
+            except Exception as error:
+                code, message = to_status(error)
+                await context.abort(code, message)
+            finally:
+                REQUESTS.labels(model_label, method, code.name).inc()
+                REQUEST_DURATION.labels(model_label, method).observe(time.perf_counter() - started)
+
+        return wrapper
+
+    return decorate
