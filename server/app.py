@@ -17,16 +17,24 @@ from modelserver.v1 import modelserver_pb2
 from server import metrics, repository
 from server.batching import Batcher
 from server.device import select_device
+from server.drain import MARK_METHOD, DrainMarker
 from server.grpc_service import ModelService
 from server.inference import InferenceService
 from server.rpc import add_service
 from server.runtime import ModelRuntime
+from server.security import BearerTokenInterceptor
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = modelserver_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# Seconds without a new call before the listener closes, and seconds allowed for its GOAWAY to reach clients.
+QUIET_BEFORE_CLOSE = 0.05
+# Seconds after the signal during which calls still reach the server as accepted work: those the clients had
+# sent before it may still be in their socket buffers or ours.
+IN_TRANSIT = 0.05
+GOAWAY_TRAVEL = 0.2
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -103,35 +111,103 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
+def _grpc_server(settings: Settings, interceptors: list[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
+    """The gRPC server with its limits set deliberately (SPEC §6): gRPC's own backlog of received calls is kept
+    far above our admission limit (--max-concurrent-rpcs), so that overload is answered by us, with
+    RESOURCE_EXHAUSTED, and not by gRPC cancelling calls from its backlog. grpc.aio's own
+    maximum_concurrent_rpcs is not used: it stops taking calls from that backlog instead of refusing them."""
+    return grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+            ("grpc.max_send_message_length", settings.max_send_message_bytes),
+            ("grpc.so_reuseport", 0),  # a port already in use is an error, not a silent second listener
+            ("grpc.server.max_pending_requests", settings.max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_rpcs),
+        ],
+    )
+
+
+async def _drain(
+    settings: Settings,
+    server: grpc.aio.Server,
+    core: InferenceService,
+    health_servicer: health.aio.HealthServicer,
+    marker: DrainMarker,
+) -> None:
+    """Shut down without losing accepted work (SPEC §6): NOT_SERVING at once; serve normally for
+    --shutdown-delay; keep serving until every call gRPC received before now has reached a handler; then
+    refuse new calls with UNAVAILABLE, finish the accepted ones, and close the listener only once gRPC holds
+    no call that our handlers have not answered."""
+    await health_servicer.enter_graceful_shutdown()
+    for name in core.model_names():
+        metrics.MODEL_READY.labels(name, str(core.resolve(name).version)).set(0)
+    if settings.shutdown_delay > 0:
+        log.info("NOT_SERVING; serving on for --shutdown-delay %.1fs so that load balancers stop routing here",
+                 settings.shutdown_delay)  # fmt: skip
+        await asyncio.sleep(settings.shutdown_delay)
+    deadline = time.monotonic() + settings.grace_period
+
+    def remaining() -> float:
+        return max(0.0, deadline - time.monotonic())
+
+    # Calls received before the signal (or the delay's end) are accepted work, even while gRPC still holds them.
+    # Calls already on their way get IN_TRANSIT more seconds; then two markers: the second one also covers the
+    # message reads of calls that reached a handler with the first.
+    await asyncio.sleep(min(remaining(), IN_TRANSIT))
+    handed_over = await marker.pass_through(remaining()) and await marker.pass_through(remaining())
+    core.begin_drain()
+    log.info(
+        "shutting down: refusing new requests, finishing %d accepted request(s) within %.1fs%s",
+        core.in_flight,
+        remaining(),
+        "" if handed_over else " (gRPC's backlog did not clear in time)",
+    )
+    if not await core.wait_idle(remaining()):
+        log.warning("grace period over with %d request(s) still running", core.in_flight)
+    # Closing the listener sends clients a GOAWAY, but gRPC cancels every call that reaches it afterwards, and a
+    # caller refused at once sends again at once. So new calls are now held: once every caller's call is held
+    # (no arrival for QUIET_BEFORE_CLOSE), the listener closes, and the held calls get UNAVAILABLE after the
+    # GOAWAY has reached their clients.
+    core.begin_closing()
+    await marker.pass_through(remaining())
+    while remaining() > 0 and time.monotonic() - core.last_arrival < QUIET_BEFORE_CLOSE:
+        await asyncio.sleep(QUIET_BEFORE_CLOSE / 2)
+    stopping = asyncio.create_task(server.stop(min(remaining(), 5.0)))
+    await asyncio.sleep(min(remaining(), GOAWAY_TRAVEL))
+    core.release_held()
+    await stopping
+
+
 async def serve(settings: Settings) -> int:
     """Run the server until SIGTERM/SIGINT; returns the process exit code."""
     started = time.perf_counter()
     try:
         settings.model_repository.mkdir(parents=True, exist_ok=True)
         credentials = _server_credentials(settings) if settings.tls_enabled else None
+        tokens = settings.auth_tokens()
     except OSError as error:
         log.error("cannot start: %s", error)
         return 1
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="model")
     batcher = Batcher(executor, settings.batching_for)
-    core = InferenceService(batcher)
+    core = InferenceService(batcher, settings.max_concurrent_rpcs)
     health_servicer = health.aio.HealthServicer()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, NOT_SERVING)
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
-            ("grpc.max_send_message_length", settings.max_send_message_bytes),
-            ("grpc.so_reuseport", 0),  # a port already in use is an error, not a silent second listener
-        ]
-    )
+    health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if tokens:
+        drain_service = MARK_METHOD.split("/")[1]
+        interceptors.append(BearerTokenInterceptor(tokens, open_services=(health_service, drain_service)))
+    server = _grpc_server(settings, interceptors)
     add_service(server, ModelService(core), modelserver_pb2.DESCRIPTOR.services_by_name["ModelService"])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    if settings.reflection:
+        reflection.enable_server_reflection((SERVICE_NAME, health_service, reflection.SERVICE_NAME), server)
+    marker = DrainMarker()
+    marker.attach(server)
     address = f"{settings.host}:{settings.grpc_port}"
     try:
         if credentials is not None:
@@ -143,13 +219,19 @@ async def serve(settings: Settings) -> int:
         return 1
     if settings.metrics_port:
         try:
-            metrics.serve_metrics(settings.host, settings.metrics_port)
+            metrics.serve_metrics(settings.metrics_address, settings.metrics_port)
         except OSError as error:
-            log.error("cannot serve metrics on %s:%d: %s", settings.host, settings.metrics_port, error)
+            log.error("cannot serve metrics on %s:%d: %s", settings.metrics_address, settings.metrics_port, error)
             return 1
-        log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port)
     await server.start()
-    log.info("gRPC listening on %s:%d (%s)", settings.host, port, "TLS" if settings.tls_enabled else "plaintext")
+    log.info(
+        "gRPC listening on %s:%d (%s%s)",
+        settings.host,
+        port,
+        "TLS" if settings.tls_enabled else "plaintext",
+        ", bearer-token authentication" if tokens else "",
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -168,21 +250,10 @@ async def serve(settings: Settings) -> int:
         else:
             log.info("SERVING %s after %.2fs", ", ".join(core.model_names()), time.perf_counter() - started)
     await stopping
-
-    log.info(
-        "shutting down: NOT_SERVING, refusing new work, draining %d request(s) within %.1fs",
-        core.in_flight,
-        settings.grace_period,
-    )
-    deadline = time.monotonic() + settings.grace_period
+    log.info("signal received: health NOT_SERVING, %d request(s) in flight", core.in_flight)
     loading.cancel()
-    await health_servicer.enter_graceful_shutdown()
-    core.begin_drain()
-    for name in core.model_names():
-        metrics.MODEL_READY.labels(name, str(core.resolve(name).version)).set(0)
-    if not await core.wait_idle(settings.grace_period):
-        log.warning("grace period over with %d request(s) still running", core.in_flight)
-    await server.stop(max(0.0, deadline - time.monotonic()))
+    await _drain(settings, server, core, health_servicer, marker)
     executor.shutdown(wait=True, cancel_futures=True)
+    marker.close()
     log.info("stopped")
     return exit_code

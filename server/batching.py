@@ -117,10 +117,21 @@ class _ModelQueue:
     batchable: bool  # rows of different requests can be concatenated (no input of variable size)
     tasks: deque[_Task] = field(default_factory=deque)
     rows: int = 0
+    unbatched: int = 0  # requests queued or running alone (batching off): one model call each
     running: int = 0
     window: float = 0.0  # seconds an idle model waits for more requests (learned, see Batcher._adapt_window)
+    batch_seconds: float = 0.0  # moving average of one model call's duration, for the queue's wait estimate
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     loop_task: asyncio.Task[None] | None = None
+
+    def wait_estimate(self, config: BatchingConfig) -> float:
+        """Seconds until the rows queued now have run: their batches, max_batches_in_flight at a time."""
+        calls = -(-self.rows // config.max_batch_size) if config.enabled and self.batchable else self.unbatched
+        return -(-calls // config.max_batches_in_flight) * self.batch_seconds
+
+    def observe_batch(self, seconds: float) -> None:
+        """Fold one model call's duration into the average (called on the executor; a float store is atomic)."""
+        self.batch_seconds = seconds if self.batch_seconds == 0.0 else 0.9 * self.batch_seconds + 0.1 * seconds
 
 
 class Batcher:
@@ -158,12 +169,21 @@ class Batcher:
             queue.metrics.queue_full.inc()
             raise OverloadedError(
                 f"model '{runtime.name}' queue is full ({queue.rows} of {config.max_queued_rows} rows queued); "
-                "retry with backoff"
+                f"back off and retry in about {_ms(queue.wait_estimate(config))} ms"
             )
         now = self._clock()
         if deadline is not None and now >= deadline:
             queue.metrics.expired.inc()
             raise DeadlineExpiredError(f"model '{runtime.name}': the deadline passed before the request was queued")
+        if deadline is not None and queue.rows and now + queue.wait_estimate(config) > deadline:
+            # Queued, it would only expire behind the work ahead of it: refuse it now, while the caller can still
+            # go elsewhere, instead of letting it take a queue slot to die in.
+            queue.metrics.expired.inc()
+            raise OverloadedError(
+                f"model '{runtime.name}' cannot answer within the deadline: about {_ms(queue.wait_estimate(config))} "
+                f"ms of work is queued ahead and {_ms(deadline - now)} ms remain; back off and retry, or set a "
+                "longer deadline"
+            )
         if not (config.enabled and queue.batchable):
             return await self._run_alone(queue, inputs, rows, deadline)
         if (
@@ -208,8 +228,9 @@ class Batcher:
         padded = config.padded_size(rows)
         queue.metrics.queue_duration.observe(0.0)
         call = asyncio.get_running_loop().run_in_executor(
-            self._executor, _execute, queue.runtime, queue.metrics, [inputs], padded, deadline, self._clock
-        )
+            self._executor, _execute, queue.runtime, queue.metrics, [inputs], padded, deadline, self._clock,
+            queue.observe_batch,
+        )  # fmt: skip
         queue.running += 1
         # The model call is over only when the executor says so, even if this caller is cancelled first.
         call.add_done_callback(functools.partial(_end_run_now, queue))
@@ -231,17 +252,21 @@ class Batcher:
                 raise DeadlineExpiredError(f"model '{runtime.name}': the deadline passed while queued")
             started = time.perf_counter()
             outputs = runtime.predict(inputs)
-            model_metrics.inference.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            model_metrics.inference.observe(elapsed)
+            queue.observe_batch(elapsed)
             model_metrics.batch_size.observe(rows)
             return outputs
 
         queue.rows += rows
+        queue.unbatched += 1
         queue.metrics.queue_rows.set(queue.rows)
         try:
             # Cancelling the await cancels the executor job too, as long as it has not started.
             return await asyncio.get_running_loop().run_in_executor(self._executor, call)
         finally:
             queue.rows -= rows
+            queue.unbatched -= 1
             queue.metrics.queue_rows.set(queue.rows)
 
     def _queue(self, runtime: ModelRuntime) -> _ModelQueue:
@@ -321,7 +346,7 @@ class Batcher:
         try:
             future = asyncio.get_running_loop().run_in_executor(
                 self._executor, _execute, queue.runtime, queue.metrics, [t.inputs for t in batch], padded, latest,
-                self._clock,
+                self._clock, queue.observe_batch,
             )  # fmt: skip
         except RuntimeError as error:  # the executor is shut down: fail this batch, keep the loop alive
             for task in batch:
@@ -379,6 +404,7 @@ def _execute(
     padded: int,
     deadline: float | None,
     clock: Callable[[], float],
+    observe: Callable[[float], None],
 ) -> dict[str, np.ndarray]:
     """On the executor: join the tasks' rows, pad to an allowed size and call the model (off the event loop,
     so preparing this batch overlaps the event loop's work on the next one). A batch whose every deadline
@@ -392,6 +418,7 @@ def _execute(
     started = time.perf_counter()
     outputs = runtime.predict(inputs)
     metrics_.inference.observe(time.perf_counter() - started)
+    observe(time.perf_counter() - started)
     for name, value in outputs.items():
         if value.ndim == 0 or value.shape[0] != padded:
             raise ValueError(
@@ -399,6 +426,10 @@ def _execute(
                 f"input row ({padded}) first; switch batching off for this model"
             )
     return outputs
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def _pad(array: np.ndarray, rows: int) -> np.ndarray:

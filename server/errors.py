@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+# Caller-supplied strings are cut to this many characters wherever they appear in a message, so that a huge
+# name cannot overflow the status trailer (and turn NOT_FOUND into RESOURCE_EXHAUSTED).
+MAX_ECHOED_CHARS = 64
+
+
+def quoted(value: str) -> str:
+    """A caller-supplied string for an error message: repr-quoted and cut to MAX_ECHOED_CHARS."""
+    if len(value) <= MAX_ECHOED_CHARS:
+        return repr(value)
+    return f"{value[:MAX_ECHOED_CHARS]!r}... ({len(value)} characters)"
+
 
 class ServingError(Exception):
     """Base class: the message tells the caller what was expected and what was received."""

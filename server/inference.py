@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -17,9 +18,9 @@ import numpy as np
 
 from server import metrics
 from server.batching import BatchingConfig
-from server.errors import InvalidInputError, ModelNotFoundError, UnavailableError
+from server.errors import InvalidInputError, ModelNotFoundError, OverloadedError, UnavailableError, quoted
 from server.runtime import ModelRuntime
-from server.tensors import TensorSpec, rows_from_flat, validate_inputs
+from server.tensors import TensorSpec, check_finite_outputs, rows_from_flat, validate_inputs
 
 
 class Runner(Protocol):
@@ -36,7 +37,8 @@ class Runner(Protocol):
 class Phase(enum.Enum):
     STARTING = "starting"
     SERVING = "serving"
-    DRAINING = "draining"
+    DRAINING = "draining"  # new requests are refused with UNAVAILABLE, accepted ones finish
+    CLOSING = "closing"  # new requests are held, then refused once the listener has told clients to go away
 
 
 @dataclass(frozen=True)
@@ -66,13 +68,16 @@ class InferenceResult:
 
 
 class InferenceService:
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, max_in_flight: int = 0) -> None:
         self._runner = runner
+        self._max_in_flight = max_in_flight  # 0 = no limit
         self._models: dict[str, _Model] = {}
         self.phase = Phase.STARTING
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._released = asyncio.Event()
+        self.last_arrival = 0.0  # time.monotonic() of the latest inference request
 
     # -- registration, done once at startup ------------------------------------------------------
 
@@ -92,20 +97,30 @@ class InferenceService:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def _check_accepting(self) -> None:
+    async def _check_accepting(self) -> None:
+        self.last_arrival = time.monotonic()
         if self.phase is Phase.STARTING:
             raise UnavailableError("the server is starting: models are still loading; retry shortly")
-        if self.phase is Phase.DRAINING:
+        if self.phase is Phase.CLOSING:
+            # Answered only after the listener's GOAWAY: a caller that sends again at once then reaches another
+            # replica (or a closed port: UNAVAILABLE), not a closing server that would cancel its call.
+            await self._released.wait()
+        if self.phase in (Phase.DRAINING, Phase.CLOSING):
             raise UnavailableError("the server is shutting down and accepts no new requests; retry elsewhere")
+        if self._max_in_flight and self._in_flight >= self._max_in_flight:
+            raise OverloadedError(
+                f"the server is handling its limit of {self._max_in_flight} requests at once; "
+                "back off and retry in about 100 ms"
+            )
 
     def resolve(self, name: str, version: int = 0) -> ModelRuntime:
         """The runtime for a model and version (0 = latest loaded)."""
         model = self._models.get(name)
         if model is None and self.phase is Phase.STARTING:
-            raise UnavailableError(f"the server is starting: model '{name}' may still be loading; retry shortly")
+            raise UnavailableError(f"the server is starting: model {quoted(name)} may still be loading; retry shortly")
         if model is None:
             known = ", ".join(sorted(self._models)) or "none"
-            raise ModelNotFoundError(f"no model named '{name}'; available models: {known}")
+            raise ModelNotFoundError(f"no model named {quoted(name)}; available models: {known}")
         if version == 0:
             return model.runtimes[max(model.runtimes)]
         runtime = model.runtimes.get(version)
@@ -123,14 +138,14 @@ class InferenceService:
 
         `deadline` is a time.monotonic() value after which the request is no longer worth running.
         """
-        self._check_accepting()
+        await self._check_accepting()
         return await self._run(self.resolve(name, version), lambda runtime: inputs, deadline)
 
     async def infer_flat(
         self, name: str, version: int, flat_inputs: Mapping[str, np.ndarray], deadline: float | None = None
     ) -> InferenceResult:
         """Like infer, for flat row-major arrays (packed proto fields), reshaped by the model's specs."""
-        self._check_accepting()
+        await self._check_accepting()
 
         def reshaped(runtime: ModelRuntime) -> Mapping[str, np.ndarray]:
             return {
@@ -164,6 +179,7 @@ class InferenceService:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+        check_finite_outputs(runtime.name, outputs)
         return InferenceResult(runtime.version, outputs)
 
     # -- introspection ----------------------------------------------------------------------------
@@ -200,6 +216,14 @@ class InferenceService:
 
     def begin_drain(self) -> None:
         self.phase = Phase.DRAINING
+
+    def begin_closing(self) -> None:
+        """Hold new requests unanswered until release_held(), so that callers stop sending while the listener
+        closes."""
+        self.phase = Phase.CLOSING
+
+    def release_held(self) -> None:
+        self._released.set()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no accepted request is in flight; False when the timeout passed first."""

@@ -5,7 +5,11 @@ Served by prometheus_client's own HTTP server; the default registry brings the p
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
 
 # The *_created series double every sample for no use in dashboards or alerts.
 disable_created_metrics()
@@ -81,6 +85,28 @@ DEVICE_INFO = Gauge(
 )
 
 
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # a scrape every few seconds is not news
+        pass
+
+
+def _only_metrics(app):  # type: ignore[no-untyped-def]
+    """Answer /metrics and nothing else: other paths get 404, not a copy of the metrics."""
+
+    def serve(environ, start_response):  # type: ignore[no-untyped-def]
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: metrics are at /metrics\n"]
+        return app(environ, start_response)
+
+    return serve
+
+
 def serve_metrics(host: str, port: int) -> None:
     """Start the /metrics HTTP endpoint in a background thread."""
-    start_http_server(port, addr=host)
+    server = make_server(host, port, _only_metrics(make_wsgi_app()), _Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +84,28 @@ class Settings:
         "exported here at startup when missing.",
         Path,
     )
+    metrics_host: str = _setting(
+        "", "Address the metrics server listens on; empty = the same as --host (127.0.0.1 keeps it private)."
+    )
     grace_period: float = _setting(
         30.0, "Seconds to finish accepted requests after SIGTERM/SIGINT before exiting.", float
+    )
+    shutdown_delay: float = _setting(
+        0.0,
+        "Seconds to keep serving normally after SIGTERM/SIGINT (health already NOT_SERVING) before refusing new "
+        "requests, so that load balancers stop routing first (Kubernetes' preStop pattern).",
+        float,
+    )
+    max_concurrent_rpcs: int = _setting(
+        2048,
+        "Requests handled at once, server-wide; beyond it new requests get RESOURCE_EXHAUSTED at once. 0 = no limit.",
+        int,
+    )
+    max_pending_rpcs: int = _setting(
+        20000,
+        "Calls gRPC may hold received but not yet handed to a handler (its own backlog). Keep it well above "
+        "--max-concurrent-rpcs: past it gRPC cancels calls itself, before our admission control can answer them.",
+        int,
     )
     max_receive_message_bytes: int = _setting(
         16 * MIB, "Largest request message accepted; larger ones get RESOURCE_EXHAUSTED.", int
@@ -99,6 +120,13 @@ class Settings:
         "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).",
         _optional_path,
     )
+    auth_token_file: Path | None = _setting(
+        None,
+        "File of accepted bearer tokens, one per line; when set, every call except health checks needs the header "
+        "'authorization: Bearer TOKEN' (else UNAUTHENTICATED).",
+        _optional_path,
+    )
+    reflection: bool = _setting(True, "Serve gRPC server reflection (for grpcurl and similar tools).", _bool)
     seed: int = _setting(1234, "Seed for the built-in models' weights: the same seed gives the same weights.", int)
     inference_threads: int = _setting(2, "Threads that run model calls, off the event loop.", int)
     intra_op_threads: int = _setting(0, "TensorFlow intra-op threads per model call; 0 = TensorFlow's default.", int)
@@ -137,8 +165,13 @@ class Settings:
         for name in ("grpc_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be between 0 and 65535, got {getattr(self, name)}")
-        if self.grace_period < 0:
-            problems.append(f"grace_period must be >= 0 seconds, got {self.grace_period}")
+        for name in ("grace_period", "shutdown_delay"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+        if self.max_concurrent_rpcs < 0:
+            problems.append(f"max_concurrent_rpcs must be >= 0 (0 = no limit), got {self.max_concurrent_rpcs}")
+        if self.max_pending_rpcs < 1:
+            problems.append(f"max_pending_rpcs must be >= 1, got {self.max_pending_rpcs}")
         for name in ("max_receive_message_bytes", "max_send_message_bytes", "inference_threads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -151,10 +184,13 @@ class Settings:
             problems.append("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             problems.append("tls_client_ca_file needs tls_cert_file and tls_key_file (mutual TLS)")
-        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 problems.append(f"{name}: no such file {path}")
+        problems += _tls_problems(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+        if self.auth_token_file is not None and self.auth_token_file.is_file() and not self.auth_tokens():
+            problems.append(f"auth_token_file {self.auth_token_file} holds no token (one per line)")
         for model in ("", *self.model_batching):
             problems += [
                 f"batching{' for ' + model if model else ''}: {p}" for p in self.batching_for(model).problems()
@@ -179,6 +215,36 @@ class Settings:
     @property
     def tls_enabled(self) -> bool:
         return self.tls_cert_file is not None
+
+    @property
+    def metrics_address(self) -> str:
+        return self.metrics_host or self.host
+
+    def auth_tokens(self) -> tuple[bytes, ...]:
+        """The accepted bearer tokens: the token file's non-empty lines, or none when authentication is off."""
+        if self.auth_token_file is None:
+            return ()
+        lines = self.auth_token_file.read_bytes().splitlines()
+        return tuple(token for token in (line.strip() for line in lines) if token)
+
+
+def _tls_problems(cert: Path | None, key: Path | None, client_ca: Path | None) -> list[str]:
+    """Load the certificate, key and CA as a TLS server would, so that a bad file stops startup by name."""
+    problems: list[str] = []
+    if cert is not None and key is not None and cert.is_file() and key.is_file():
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (ssl.SSLError, ValueError) as error:
+            problems.append(
+                f"tls_cert_file {cert} and tls_key_file {key} are not a PEM certificate chain and its private key "
+                f"({error})"
+            )
+    if client_ca is not None and client_ca.is_file():
+        try:
+            ssl.create_default_context(cafile=str(client_ca))
+        except (ssl.SSLError, ValueError) as error:
+            problems.append(f"tls_client_ca_file {client_ca} is not a PEM CA bundle ({error})")
+    return problems
 
 
 def _flag(name: str) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import InvalidInputError
+from server.errors import InvalidInputError, quoted
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,10 @@ def validate_inputs(model: str, specs: Mapping[str, TensorSpec], inputs: Mapping
     expected = ", ".join(sorted(specs))
     unknown = sorted(set(inputs) - set(specs))
     if unknown:
-        raise InvalidInputError(
-            f"model '{model}' has no input named {', '.join(repr(n) for n in unknown)}; expected inputs: {expected}"
-        )
+        shown = ", ".join(quoted(n) for n in unknown[:3])
+        if len(unknown) > 3:
+            shown += f" and {len(unknown) - 3} more"
+        raise InvalidInputError(f"model '{model}' has no input named {shown}; expected inputs: {expected}")
     missing = sorted(set(specs) - set(inputs))
     if missing:
         raise InvalidInputError(
@@ -93,3 +94,20 @@ def validate_inputs(model: str, specs: Mapping[str, TensorSpec], inputs: Mapping
         counts = ", ".join(f"{n}: {r}" for n, r in sorted(rows.items()))
         raise InvalidInputError(f"model '{model}' inputs must have the same number of rows, got {counts}")
     return next(iter(rows.values()))
+
+
+def check_finite_outputs(model: str, outputs: Mapping[str, np.ndarray]) -> None:
+    """Refuse to return NaN or infinity that the model computed from finite inputs (extreme values overflow
+    float32 inside the model): the request fails with a message naming the output and row, instead of
+    leaving with status OK."""
+    for name, array in sorted(outputs.items()):
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad_row = int(np.argmin(finite.reshape(array.shape[0], -1).all(axis=1))) if array.ndim else 0
+            raise InvalidInputError(
+                f"model '{model}' computed NaN or infinity in output '{name}' (first in row {bad_row}) from finite "
+                "inputs: the input values are too large for the model's float32 arithmetic; scale them into the "
+                "range the model was trained on"
+            )

@@ -1,0 +1,52 @@
+"""Bearer-token authentication for every service except health, so that probes keep working (SPEC §12)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+
+from server.metrics import REQUESTS
+
+_MESSAGE = "missing or invalid bearer token: send the metadata 'authorization: Bearer TOKEN'"
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+async def _deny(request: object, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _MESSAGE)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Lets a call through when its `authorization` metadata carries one of the tokens (compared in constant
+    time), or when its service is open (health, the internal drain marker); answers UNAUTHENTICATED otherwise."""
+
+    def __init__(self, tokens: Sequence[bytes], open_services: Sequence[str]) -> None:
+        self._expected = [b"Bearer " + token for token in tokens]
+        self._open = tuple(f"/{service}/" for service in open_services)
+
+    def _authorized(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                given = value if isinstance(value, bytes) else value.encode()
+                # Check every token, so the time taken does not tell which one came close.
+                return sum(hmac.compare_digest(given, expected) for expected in self._expected) > 0
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        if details.method.startswith(self._open) or self._authorized(details.invocation_metadata):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:  # an unknown method stays UNIMPLEMENTED, and adds no metric label
+            return None
+        REQUESTS.labels("unknown", details.method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        return _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)](_deny)
