@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from clients import loadtest
-from clients.client import TYPED_MODELS, ModelServerClient
+from clients.client import TYPED_MODELS, ModelServerClient, read_token, tls_credentials
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="deadline per call in seconds (default: %(default)s)"
     )
+    parser.add_argument("--tls-ca-file", help="TLS: PEM CA bundle that signed the server's certificate")
+    parser.add_argument("--tls-cert-file", help="mutual TLS: PEM client certificate (with --tls-key-file)")
+    parser.add_argument("--tls-key-file", help="mutual TLS: PEM private key of --tls-cert-file")
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's CA roots (implied by --tls-*)")
+    parser.add_argument("--token-file", help="file whose first line is a bearer token for the server")
     commands = parser.add_subparsers(dest="command", required=True)
 
     health = commands.add_parser("health", help="print the health status; exit 0 when SERVING, 1 otherwise")
@@ -62,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials when any TLS flag is given, else None (plaintext)."""
+    if not (args.tls or args.tls_ca_file or args.tls_cert_file or args.tls_key_file):
+        return None
+    return tls_credentials(args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
+
+
 def _print_json(value: object) -> None:
     print(json.dumps(value, indent=2))
 
@@ -70,7 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "loadtest":
         return loadtest.main(args)
-    with ModelServerClient(args.target, timeout=args.timeout) as client:
+    try:
+        credentials = channel_credentials(args)
+        token = read_token(args.token_file)
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with ModelServerClient(args.target, timeout=args.timeout, credentials=credentials, token=token) as client:
         try:
             if args.command == "health":
                 status = client.health(args.service)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -100,13 +101,37 @@ def _typed(model: str) -> _TypedModel:
         ) from None
 
 
-def _open_channel(
+def open_channel(
     module: Any, target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
 ) -> Any:
     """A channel from `grpc` or `grpc.aio` (same signatures): TLS when credentials are given."""
     if credentials is not None:
         return module.secure_channel(target, credentials, options)
     return module.insecure_channel(target, options)
+
+
+def tls_credentials(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: the CA that signed the server's certificate (None: the system's
+    roots), and a client certificate and key for mutual TLS."""
+
+    def read(path: str | None) -> bytes | None:
+        return None if path is None else Path(path).read_bytes()
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
+
+
+def token_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata that carries a bearer token (None: no authentication)."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def read_token(path: str | None) -> str | None:
+    """The first non-empty line of a token file."""
+    if path is None:
+        return None
+    return next((line.strip() for line in Path(path).read_text().splitlines() if line.strip()), None)
 
 
 def health_status_name(response: health_pb2.HealthCheckResponse) -> str:
@@ -123,12 +148,17 @@ class ModelServerClient:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         retries: int = 3,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._channel = _open_channel(grpc, target, credentials, channel_options(retries, max_message_bytes))
+        self._channel = open_channel(grpc, target, credentials, channel_options(retries, max_message_bytes))
         self._stub = pb_grpc.ModelServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata = token_metadata(token)
         self.timeout = timeout
+
+    def _call_options(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": timeout or self.timeout, "metadata": self._metadata}
 
     def __enter__(self) -> ModelServerClient:
         return self
@@ -145,7 +175,7 @@ class ModelServerClient:
         """Predict with a built-in model's typed method; inputs map input names to rows."""
         typed = _typed(model)
         call = getattr(self._stub, typed.method)
-        return typed.parse(call(typed.build(inputs, version), timeout=timeout or self.timeout))
+        return typed.parse(call(typed.build(inputs, version), **self._call_options(timeout)))
 
     def predict_multi_input(self, input_a: Any, input_b: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         return self.predict("multi_input", {"input_a": input_a, "input_b": input_b}, **kwargs)
@@ -158,15 +188,15 @@ class ModelServerClient:
 
     def metadata(self, model: str, version: int = 0, timeout: float | None = None) -> pb.GetModelMetadataResponse:
         request = pb.GetModelMetadataRequest(name=model, version=version)
-        return self._stub.GetModelMetadata(request, timeout=timeout or self.timeout)
+        return self._stub.GetModelMetadata(request, **self._call_options(timeout))
 
     def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
-        return self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
+        return self._stub.ListModels(pb.ListModelsRequest(), **self._call_options(timeout))
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The health status name (SERVING, NOT_SERVING, ...) of the server ("") or one model or service."""
         request = health_pb2.HealthCheckRequest(service=service)
-        return health_status_name(self._health.Check(request, timeout=timeout or self.timeout))
+        return health_status_name(self._health.Check(request, **self._call_options(timeout)))
 
 
 class AsyncModelServerClient:
@@ -179,12 +209,17 @@ class AsyncModelServerClient:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         retries: int = 3,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._channel = _open_channel(grpc.aio, target, credentials, channel_options(retries, max_message_bytes))
+        self._channel = open_channel(grpc.aio, target, credentials, channel_options(retries, max_message_bytes))
         self._stub = pb_grpc.ModelServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata = token_metadata(token)
         self.timeout = timeout
+
+    def _call_options(self, timeout: float | None) -> dict[str, Any]:
+        return {"timeout": timeout or self.timeout, "metadata": self._metadata}
 
     async def __aenter__(self) -> AsyncModelServerClient:
         return self
@@ -200,7 +235,7 @@ class AsyncModelServerClient:
     ) -> dict[str, np.ndarray]:
         typed = _typed(model)
         call = getattr(self._stub, typed.method)
-        return typed.parse(await call(typed.build(inputs, version), timeout=timeout or self.timeout))
+        return typed.parse(await call(typed.build(inputs, version), **self._call_options(timeout)))
 
     async def predict_multi_input(self, input_a: Any, input_b: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         return await self.predict("multi_input", {"input_a": input_a, "input_b": input_b}, **kwargs)
@@ -213,11 +248,13 @@ class AsyncModelServerClient:
 
     async def metadata(self, model: str, version: int = 0, timeout: float | None = None) -> pb.GetModelMetadataResponse:
         request = pb.GetModelMetadataRequest(name=model, version=version)
-        return await self._stub.GetModelMetadata(request, timeout=timeout or self.timeout)
+        return await self._stub.GetModelMetadata(request, **self._call_options(timeout))
 
     async def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
-        return await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
+        return await self._stub.ListModels(
+            pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+        )
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         request = health_pb2.HealthCheckRequest(service=service)
-        return health_status_name(await self._health.Check(request, timeout=timeout or self.timeout))
+        return health_status_name(await self._health.Check(request, **self._call_options(timeout)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -23,7 +24,15 @@ from typing import Any, TextIO
 import grpc
 import numpy as np
 
-from clients.client import DEFAULT_MAX_MESSAGE_BYTES, TYPED_MODELS, channel_options
+from clients.client import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    TYPED_MODELS,
+    channel_options,
+    open_channel,
+    read_token,
+    tls_credentials,
+    token_metadata,
+)
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 
 # Row shapes of each typed model's inputs (SPEC §2); rows are prepended.
@@ -52,6 +61,11 @@ class LoadTestConfig:
     max_outstanding: int = 1000
     channels: int = 1
     seed: int = 0
+    tls: bool = False  # TLS with the system's roots; implied by the tls_* files
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    token_file: str | None = None  # its first line is sent as a bearer token
     progress: TextIO | None = None  # where live progress goes (stderr in the CLI); None: no progress
 
     def __post_init__(self) -> None:
@@ -88,6 +102,7 @@ class LoadTestResult:
     throughput_rps: float
     rows_per_s: float
     latency_ms: dict[str, float | None]  # p50, p90, p99, max, mean over successful requests
+    error_latency_ms: dict[str, float | None]  # the same over failed requests: how fast refusals come
     target: str = ""
     version: int = 0
     warmup_s: float = 0.0
@@ -116,6 +131,7 @@ class _Stats:
 
     def __init__(self) -> None:
         self.latencies: list[float] = []
+        self.error_latencies: list[float] = []
         self.errors: Counter[str] = Counter()
 
     @property
@@ -131,6 +147,7 @@ async def _call(call: Call, request: Any, timeout: float, stats: _Stats, started
         await call(request, timeout=timeout)
     except grpc.aio.AioRpcError as error:
         stats.errors[error.code().name] += 1
+        stats.error_latencies.append(time.perf_counter() - started)
     else:
         stats.latencies.append(time.perf_counter() - started)
 
@@ -218,11 +235,18 @@ async def run_loadtest(cfg: LoadTestConfig) -> LoadTestResult:
     options = channel_options(0, DEFAULT_MAX_MESSAGE_BYTES)
     if cfg.channels > 1:  # otherwise channels with equal options share one connection
         options.append(("grpc.use_local_subchannel_pool", 1))
-    channels = [grpc.aio.insecure_channel(cfg.target, options) for _ in range(cfg.channels)]
+    credentials = None
+    if cfg.tls or cfg.tls_ca_file or cfg.tls_cert_file or cfg.tls_key_file:
+        credentials = tls_credentials(cfg.tls_ca_file, cfg.tls_cert_file, cfg.tls_key_file)
+    metadata = token_metadata(read_token(cfg.token_file))
+    channels = [open_channel(grpc.aio, cfg.target, credentials, options) for _ in range(cfg.channels)]
     try:
         with contextlib.suppress(TimeoutError):  # connect first, so that the first calls do not pay for it
             await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), cfg.timeout)
-        calls = [getattr(pb_grpc.ModelServiceStub(c), TYPED_MODELS[cfg.model].method) for c in channels]
+        calls = [
+            functools.partial(getattr(pb_grpc.ModelServiceStub(c), TYPED_MODELS[cfg.model].method), metadata=metadata)
+            for c in channels
+        ]
         if cfg.warmup > 0:
             await _phase(calls, request, cfg, "warm-up", math.inf, cfg.warmup)
         requests = math.inf if cfg.requests is None else cfg.requests
@@ -233,13 +257,16 @@ async def run_loadtest(cfg: LoadTestConfig) -> LoadTestResult:
     return _result(cfg, stats, elapsed)
 
 
+def _percentiles(seconds: list[float]) -> dict[str, float | None]:
+    keys = ("p50", "p90", "p99", "max", "mean")
+    if not seconds:
+        return dict.fromkeys(keys)
+    ms = np.asarray(seconds) * 1000.0
+    return dict(zip(keys, map(float, [*np.percentile(ms, [50, 90, 99]), ms.max(), ms.mean()]), strict=True))
+
+
 def _result(cfg: LoadTestConfig, stats: _Stats, elapsed: float) -> LoadTestResult:
     ok = len(stats.latencies)
-    keys = ("p50", "p90", "p99", "max", "mean")
-    latency: dict[str, float | None] = dict.fromkeys(keys)
-    if ok:
-        ms = np.asarray(stats.latencies) * 1000.0
-        latency = dict(zip(keys, map(float, [*np.percentile(ms, [50, 90, 99]), ms.max(), ms.mean()]), strict=True))
     return LoadTestResult(
         model=cfg.model,
         mode="closed" if cfg.concurrency is not None else "open",
@@ -252,7 +279,8 @@ def _result(cfg: LoadTestConfig, stats: _Stats, elapsed: float) -> LoadTestResul
         duration_s=elapsed,
         throughput_rps=ok / elapsed if elapsed > 0 else 0.0,
         rows_per_s=ok * cfg.rows_per_request / elapsed if elapsed > 0 else 0.0,
-        latency_ms=latency,
+        latency_ms=_percentiles(stats.latencies),
+        error_latency_ms=_percentiles(stats.error_latencies),
         target=cfg.target,
         version=cfg.version,
         warmup_s=cfg.warmup,

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from models.registry import BUILTIN_MODELS
 from modelserver.v1 import modelserver_pb2
 from server import metrics, repository
+from server.admission import AdmissionControl
 from server.batching import Batcher
 from server.device import select_device
 from server.drain import MARK_METHOD, DrainMarker
@@ -191,7 +192,8 @@ async def serve(settings: Settings) -> int:
         return 1
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="model")
     batcher = Batcher(executor, settings.batching_for)
-    core = InferenceService(batcher, settings.max_concurrent_rpcs)
+    admission = AdmissionControl(settings.max_concurrent_rpcs)
+    core = InferenceService(batcher, admission.check)
     health_servicer = health.aio.HealthServicer()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, NOT_SERVING)
@@ -225,6 +227,7 @@ async def serve(settings: Settings) -> int:
             return 1
         log.info("metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port)
     await server.start()
+    admission.start()
     log.info(
         "gRPC listening on %s:%d (%s%s)",
         settings.host,
@@ -253,6 +256,7 @@ async def serve(settings: Settings) -> int:
     log.info("signal received: health NOT_SERVING, %d request(s) in flight", core.in_flight)
     loading.cancel()
     await _drain(settings, server, core, health_servicer, marker)
+    await admission.stop()
     executor.shutdown(wait=True, cancel_futures=True)
     marker.close()
     log.info("stopped")

@@ -151,8 +151,10 @@ class Batcher:
     def warm_up(self, runtime: ModelRuntime) -> None:
         """Run every allowed batch size once (blocking), so no request pays for a first call of a shape."""
         config = self.config(runtime.name)
-        for size in config.allowed_batch_sizes if config.enabled and _batchable(runtime) else (1,):
+        sizes = config.allowed_batch_sizes if config.enabled and _batchable(runtime) else (1,)
+        for size in sizes:
             runtime.warm_up(size)
+        log.info("warmed up %s at batch sizes %s", runtime.name, ", ".join(map(str, sizes)))
 
     async def run(
         self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None = None

@@ -18,7 +18,7 @@ import numpy as np
 
 from server import metrics
 from server.batching import BatchingConfig
-from server.errors import InvalidInputError, ModelNotFoundError, OverloadedError, UnavailableError, quoted
+from server.errors import InvalidInputError, ModelNotFoundError, UnavailableError, quoted
 from server.runtime import ModelRuntime
 from server.tensors import TensorSpec, check_finite_outputs, rows_from_flat, validate_inputs
 
@@ -68,9 +68,10 @@ class InferenceResult:
 
 
 class InferenceService:
-    def __init__(self, runner: Runner, max_in_flight: int = 0) -> None:
+    def __init__(self, runner: Runner, admit: Callable[[int], None] = lambda in_flight: None) -> None:
+        """`admit(in_flight)` raises OverloadedError when the server takes no more work (server.admission)."""
         self._runner = runner
-        self._max_in_flight = max_in_flight  # 0 = no limit
+        self._admit = admit
         self._models: dict[str, _Model] = {}
         self.phase = Phase.STARTING
         self._in_flight = 0
@@ -107,11 +108,7 @@ class InferenceService:
             await self._released.wait()
         if self.phase in (Phase.DRAINING, Phase.CLOSING):
             raise UnavailableError("the server is shutting down and accepts no new requests; retry elsewhere")
-        if self._max_in_flight and self._in_flight >= self._max_in_flight:
-            raise OverloadedError(
-                f"the server is handling its limit of {self._max_in_flight} requests at once; "
-                "back off and retry in about 100 ms"
-            )
+        self._admit(self._in_flight)
 
     def resolve(self, name: str, version: int = 0) -> ModelRuntime:
         """The runtime for a model and version (0 = latest loaded)."""

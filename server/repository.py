@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST = "modelserver-manifest.json"
+# A staging folder untouched for this long belongs to an export that crashed, not to one in progress.
+STALE_STAGING_SECONDS = 600.0
 SAVED_MODEL_FILE = "saved_model.pb"
 
 
@@ -99,15 +102,49 @@ def export_saved_model(model: keras.Model, version_dir: Path, seed: int) -> None
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def ensure_exported(repository: Path, name: str, version: int, build: Callable[[int], keras.Model], seed: int) -> bool:
-    """Export a built-in model unless an intact copy of that version is already there.
+def _exported_seed(version_dir: Path) -> int | None:
+    try:
+        return int(json.loads((version_dir / MANIFEST).read_text())["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
-    Returns True when it exported. A damaged copy is moved aside (kept for inspection) and rebuilt.
+
+def remove_stale_staging(model_dir: Path, older_than: float = STALE_STAGING_SECONDS) -> list[Path]:
+    """Delete staging folders that a crashed export left behind; a recent one may be another replica's export
+    in progress (replicas can share a repository volume), so it stays. Returns what was removed."""
+    removed = []
+    now = time.time()
+    for staging in model_dir.glob(".tmp-*"):
+        try:
+            if staging.is_dir() and now - staging.stat().st_mtime > older_than:
+                shutil.rmtree(staging)
+                removed.append(staging)
+        except OSError as error:
+            log.warning("cannot remove stale export folder %s: %s", staging, error)
+    return removed
+
+
+def ensure_exported(repository: Path, name: str, version: int, build: Callable[[int], keras.Model], seed: int) -> bool:
+    """Export a built-in model unless an intact copy of that version, built with `seed`, is already there.
+
+    Returns True when it exported. A damaged copy is moved aside (kept for inspection) and rebuilt. So is a copy
+    built with another seed: the --seed setting decides the weights, so that every replica started with the same
+    settings answers the same, whatever an earlier run left in a shared repository.
     """
     version_dir = repository / name / str(version)
+    for staging in remove_stale_staging(version_dir.parent):
+        log.warning("removed %s, left by an export that did not finish", staging)
     if is_intact(version_dir):
-        return False
-    if version_dir.exists():
+        exported_seed = _exported_seed(version_dir)
+        if exported_seed == seed:
+            return False
+        aside = version_dir.parent / f".seed-{exported_seed}-{version}-{uuid.uuid4().hex}"
+        log.warning(
+            "model %s version %d was exported with seed %s, not --seed %d; moving it to %s and exporting again",
+            name, version, exported_seed, seed, aside,
+        )  # fmt: skip
+        version_dir.rename(aside)
+    elif version_dir.exists():
         damaged = version_dir.parent / f".damaged-{version}-{uuid.uuid4().hex}"
         log.warning("model %s version %d is not intact; moving it to %s and exporting again", name, version, damaged)
         version_dir.rename(damaged)

@@ -97,8 +97,9 @@ class Settings:
         float,
     )
     max_concurrent_rpcs: int = _setting(
-        2048,
-        "Requests handled at once, server-wide; beyond it new requests get RESOURCE_EXHAUSTED at once. 0 = no limit.",
+        1024,
+        "Calls outstanding at once, server-wide: those gRPC has received and not yet handed to a handler, and "
+        "those being answered. Beyond it new inference calls get RESOURCE_EXHAUSTED at once. 0 = no limit.",
         int,
     )
     max_pending_rpcs: int = _setting(

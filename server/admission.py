@@ -1,0 +1,70 @@
+"""Server-wide admission control: refuse work early and cheaply once more calls are outstanding than allowed.
+
+grpc.aio takes calls from gRPC core one at a time, so under overload most calls wait inside core, received but
+not yet handed to a handler, where nothing of ours can see them: queue bounds never act, and the wait grows
+until gRPC cancels calls itself. Core counts the calls it has received and finished (channelz), so this
+monitor samples those counts and knows how many calls are outstanding in all: gRPC's backlog plus ours.
+Above the limit, handlers refuse new inference calls at once with RESOURCE_EXHAUSTED: a refusal costs a fraction
+of a prediction, so the backlog drains and the calls that are admitted wait little.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from grpc_channelz.v1 import channelz_pb2
+from grpc_channelz.v1.channelz import ChannelzServicer
+
+from server.errors import OverloadedError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_INTERVAL = 0.01  # seconds between two readings of gRPC's call counts
+
+
+def _outstanding_in_grpc() -> int:
+    """Calls every gRPC server of this process has received and not yet finished."""
+    response = ChannelzServicer.GetServers(channelz_pb2.GetServersRequest(start_server_id=0), None)
+    return sum(s.data.calls_started - s.data.calls_succeeded - s.data.calls_failed for s in response.server)
+
+
+class AdmissionControl:
+    """Counts outstanding calls (sampled from gRPC core) and refuses inference calls beyond `limit` (0 = off),
+    except while fewer than `keep_busy` are admitted: the models always have work, so shedding never costs
+    throughput."""
+
+    def __init__(self, limit: int, keep_busy: int = 16) -> None:
+        self.limit = limit
+        self.keep_busy = keep_busy
+        self.outstanding = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.limit and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._sample())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _sample(self) -> None:
+        while True:
+            try:
+                self.outstanding = _outstanding_in_grpc()
+            except Exception:  # never let monitoring take the server down; admit everything instead
+                log.exception("cannot read gRPC's call counts; admission control is off until they read again")
+                self.outstanding = 0
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+    def check(self, admitted: int) -> None:
+        """Raise OverloadedError when more calls are outstanding than the limit allows and `admitted` requests
+        (being answered now) keep the models busy."""
+        if self.limit and self.outstanding > self.limit and admitted >= self.keep_busy:
+            raise OverloadedError(
+                f"the server is overloaded: {self.outstanding} requests are outstanding (limit {self.limit}); "
+                "back off and retry in about 100 ms"
+            )
