@@ -35,6 +35,11 @@ def test_environment_then_flags_win():
         (["--tls-cert-file", "/no/cert", "--tls-key-file", "/no/key"], {}, "tls_cert_file: no such file /no/cert"),
         (["--log-level", "chatty"], {}, "log_level must be DEBUG, INFO, WARNING or ERROR"),
         (["--model-repository", "/etc/hostname"], {}, "exists and is not a folder"),
+        (["--shutdown-delay", "-2"], {}, "shutdown_delay must be >= 0 seconds"),
+        (["--max-concurrent-rpcs", "-1"], {}, "max_concurrent_rpcs must be >= 0 (0 = no limit)"),
+        (["--max-pending-rpcs", "0"], {}, "max_pending_rpcs must be >= 1"),
+        (["--auth-token-file", "/no/tokens"], {}, "auth_token_file: no such file /no/tokens"),
+        (["--reflection", "maybe"], {}, "--reflection='maybe' is not valid"),
     ],
 )
 def test_bad_values_exit_2_with_a_clear_message(capsys, argv, environ, message):
@@ -49,3 +54,13 @@ def test_help_documents_every_setting():
     for field in dataclasses.fields(Settings):
         assert "--" + field.name.replace("_", "-") in text
         assert "MODELSERVER_" + field.name.upper() in text
+
+
+def test_an_empty_token_file_is_refused_and_tokens_are_its_lines(tmp_path, capsys):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("\n  \n")
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(["--auth-token-file", str(tokens)], environ={})
+    assert exited.value.code == 2 and "holds no token" in capsys.readouterr().err
+    tokens.write_text("one\n\n two \n")
+    assert parse_settings(["--auth-token-file", str(tokens)], environ={}).auth_tokens() == (b"one", b"two")
