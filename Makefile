@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto')
 GENERATED := modelserver/v1/modelserver_pb2.py
 
-.PHONY: run test generate lint bench clean
+.PHONY: run test generate lint bench bench-reliability clean
 
 # Reinstall when the dependency pins change or the venv's interpreter no longer runs.
 $(STAMP): pyproject.toml requirements.lock
@@ -38,3 +38,7 @@ clean:
 
 bench: $(STAMP) $(GENERATED)
 	$(PY) bench/run.py $(ARGS)
+
+# Drain over 10 SIGTERMs, overload at 2x and 4x capacity, and a 10-minute soak (about 13 minutes in all).
+bench-reliability: $(STAMP) $(GENERATED)
+	$(PY) bench/reliability.py $(ARGS)

@@ -21,7 +21,7 @@ from server.errors import OverloadedError
 
 log = logging.getLogger(__name__)
 
-SAMPLE_INTERVAL = 0.01  # seconds between two readings of gRPC's call counts
+SAMPLE_INTERVAL = 0.02  # seconds between two readings of gRPC's call counts
 
 
 def _outstanding_in_grpc() -> int:

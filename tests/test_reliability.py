@@ -33,7 +33,7 @@ def _one_row(keras_models) -> tuple[pb.PredictMultiInputRequest, float]:
     return request, expected
 
 
-async def _drain_round(
+async def drain_round(
     server: ServerProcess, request: pb.PredictMultiInputRequest, expected: float
 ) -> tuple[collections.Counter[tuple[str, str]], list[float]]:
     """64 closed-loop callers; SIGTERM after a second of load; every call recorded as (sent before/after, code)."""
@@ -75,7 +75,7 @@ def test_drain_under_load_loses_nothing_and_never_cancels(model_repository, kera
         server = ServerProcess(model_repository, ["--grace-period", "20"])
         try:
             server.wait_serving()
-            outcomes, wrong = asyncio.run(_drain_round(server, request, expected))
+            outcomes, wrong = asyncio.run(drain_round(server, request, expected))
             assert server.process.wait(30) == 0, server.log_text()
         finally:
             server.kill()
