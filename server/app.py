@@ -94,6 +94,7 @@ async def _load_all(
     for versions in found.values():
         runtime = await loop.run_in_executor(executor, _load_model, versions, device, batcher)
         core.add_model(runtime, tuple(v.version for v in versions), settings.batching_for(runtime.name))
+    log.info("froze %d startup objects out of the garbage collector's reach", metrics.freeze_startup_heap())
     core.start_serving()
     for name, versions in found.items():
         metrics.MODEL_READY.labels(name, str(versions[-1].version)).set(1)
@@ -190,6 +191,7 @@ async def serve(settings: Settings) -> int:
     except OSError as error:
         log.error("cannot start: %s", error)
         return 1
+    metrics.track_gc_pauses()
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="model")
     batcher = Batcher(executor, settings.batching_for)
     admission = AdmissionControl(settings.max_concurrent_rpcs)

@@ -5,7 +5,9 @@ Served by prometheus_client's own HTTP server; the default registry brings the p
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -83,6 +85,38 @@ DEVICE_INFO = Gauge(
     "1 for the device models run on (GPU when present, CPU otherwise).",
     ["device"],
 )
+
+
+GC_PAUSE = Histogram(
+    "modelserver_gc_pause_seconds",
+    "Pauses of Python's garbage collector, by generation; full (generation 2) collections of a large heap stall "
+    "every request in flight.",
+    ["generation"],
+    buckets=LATENCY_BUCKETS,
+)
+
+
+def track_gc_pauses() -> None:
+    """Time every garbage collection into modelserver_gc_pause_seconds (gc.callbacks: start and stop)."""
+    started: dict[str, float] = {}
+    children = {generation: GC_PAUSE.labels(str(generation)) for generation in range(3)}
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started["at"] = time.perf_counter()
+        elif "at" in started:
+            children[info["generation"]].observe(time.perf_counter() - started.pop("at"))
+
+    gc.callbacks.append(callback)
+
+
+def freeze_startup_heap() -> int:
+    """Move everything alive now (TensorFlow, Keras, the loaded models: a large heap that lives as long as the
+    process) out of the collector's reach, so full collections walk only what requests allocate. Measured: they
+    took up to 141 ms each under load and set the p99 (SPEC §11)."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 class _Server(ThreadingMixIn, WSGIServer):

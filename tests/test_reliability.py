@@ -259,3 +259,15 @@ def test_a_huge_model_name_is_not_found_with_a_bounded_message(client):
     except grpc.RpcError as error:
         assert error.code() == grpc.StatusCode.NOT_FOUND
         assert len(error.details()) < 400 and "16000 characters" in error.details()
+
+
+def test_startup_heap_is_frozen_and_gc_pauses_are_measured(server, client, keras_models):
+    """Full collections of the TensorFlow heap set the p99 (SPEC §11): the heap is frozen after warm-up, and every
+    collection's pause is visible in the metrics."""
+    frozen = [line for line in server.log if "froze" in line and "garbage collector" in line]
+    assert frozen and int(frozen[0].split("froze ")[1].split()[0]) > 100_000, frozen
+    assert server.log_text().index("froze") < server.log_text().index("SERVING multi_input")
+    inputs = random_inputs(keras_models["multi_input"], 64)
+    for _ in range(50):
+        client.predict("multi_input", inputs)
+    assert server.metric("modelserver_gc_pause_seconds_count", generation="0") > 0
