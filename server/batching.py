@@ -32,7 +32,7 @@ from server.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
-Policy = Literal["idle", "fixed"]
+Policy = Literal["eager", "idle", "fixed"]
 # The "idle" policy's first wait (seconds) once an idle model finds requests arriving together; see
 # Batcher._adapt_window.
 MIN_WINDOW = 0.0002
@@ -68,8 +68,8 @@ class BatchingConfig:
             found.append(f"batch_timeout must be >= 0 seconds, got {self.batch_timeout}")
         if self.max_queued_rows < self.max_batch_size:
             found.append(f"max_queued_rows ({self.max_queued_rows}) must be >= max_batch_size ({self.max_batch_size})")
-        if self.policy not in ("idle", "fixed"):
-            found.append(f"policy must be 'idle' or 'fixed', got {self.policy!r}")
+        if self.policy not in ("eager", "idle", "fixed"):
+            found.append(f"policy must be 'eager', 'idle' or 'fixed', got {self.policy!r}")
         if self.max_batches_in_flight < 1:
             found.append(f"max_batches_in_flight must be >= 1, got {self.max_batches_in_flight}")
         sizes = self.allowed_batch_sizes
@@ -189,7 +189,7 @@ class Batcher:
         if not (config.enabled and queue.batchable):
             return await self._run_alone(queue, inputs, rows, deadline)
         if (
-            config.policy == "idle"
+            config.policy in ("eager", "idle")
             and queue.running == 0
             and not queue.tasks
             and queue.window == 0.0
@@ -284,6 +284,12 @@ class Batcher:
         config = self.config(queue.runtime.name)
         while True:
             queue.changed.clear()
+            if queue.tasks and queue.running < config.max_batches_in_flight and config.policy == "eager":
+                # No timer: a free slot takes what is queued, after one turn of the event loop so that the requests
+                # of the current burst (already received, their handlers ready to run) join this batch.
+                await asyncio.sleep(0)
+                self._dispatch(queue, config)
+                continue
             if queue.tasks and queue.running < config.max_batches_in_flight:
                 now = self._clock()
                 idle = config.policy == "idle" and queue.running == 0
