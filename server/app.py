@@ -34,7 +34,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 QUIET_BEFORE_CLOSE = 0.05
 # Seconds after the signal during which calls still reach the server as accepted work: those the clients had
 # sent before it may still be in their socket buffers or ours.
-IN_TRANSIT = 0.1
+IN_TRANSIT = 0.25
 GOAWAY_TRAVEL = 0.2
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
