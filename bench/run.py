@@ -33,6 +33,9 @@ from tests.serverproc import ServerProcess, free_port  # noqa: E402
 
 CONCURRENCIES = (1, 16, 64, 256)
 CNN_ROWS = 32
+OTHER_POLICIES = ("idle", "fixed")  # the default policy is "eager" (server/batching.py)
+MAIN_VARIANTS = ("echo", "unbatched", "batched")
+OPEN_LOOP_SHARES = (0.1, 0.25, 0.5)
 
 
 def log(message: str) -> None:
@@ -89,13 +92,26 @@ def batch_stats(server: ServerProcess, model: str) -> tuple[float, float]:
     return values.get("modelserver_batch_size_rows_sum", 0.0), values.get("modelserver_batch_size_rows_count", 0.0)
 
 
-def measured(server: ServerProcess | None, target: str, model: str, duration: float, **kwargs) -> dict:
-    """A load run, plus mean rows per executed batch from the server's own metrics over exactly that run."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (/proc/PID/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(
+    server: ServerProcess | None, target: str, model: str, duration: float, pid: int | None = None, **kwargs
+) -> dict:
+    """A load run, plus mean rows per executed batch from the server's own metrics over exactly that run, and the
+    server's CPU time per successful request (the number that decides throughput on 2 shared cores)."""
     warmup = kwargs.pop("warmup", 0.5)
     if warmup:
         load(target, model, warmup, **kwargs)
     before = batch_stats(server, model) if server else None
+    cpu_before = cpu_seconds(pid) if pid else None
     result = load(target, model, duration, **kwargs)
+    if pid and cpu_before is not None and result["ok"]:
+        result["server_cpu_ms_per_request"] = (cpu_seconds(pid) - cpu_before) * 1000 / result["ok"]
     if server:
         after = batch_stats(server, model)
         batches = after[1] - before[1]
@@ -141,7 +157,7 @@ def interleaved(
     for _ in range(rounds):
         for name, target in targets.items():
             server = target if isinstance(target, ServerProcess) else None
-            runs[name].append(measured(server, target.target, model, duration, **kwargs))
+            runs[name].append(measured(server, target.target, model, duration, pid=target.process.pid, **kwargs))
     return {name: sorted(r, key=lambda x: x["throughput_rps"])[len(r) // 2] for name, r in runs.items()}
 
 
@@ -161,33 +177,40 @@ def run(duration: float, rounds: int) -> dict:
     results["compute_ceiling"] = compute_ceiling(repository, min(duration, 2.0))
     results["machine"]["device"] = results["compute_ceiling"].pop("device")
 
-    log("starting the echo server and our server unbatched, batched, and batched with the fixed wait")
+    log("starting the echo server and our server unbatched, batched (default policy), and the other policies")
     targets: dict[str, ServerProcess | EchoServer] = {"echo": EchoServer()}
     try:
         targets["unbatched"] = start_server(repository, "--batching", "false")
         targets["batched"] = start_server(repository)
-        targets["batched_fixed_wait"] = start_server(repository, "--batching-policy", "fixed")
+        for policy in OTHER_POLICIES:
+            # Each policy with the in-flight setting it was designed with.
+            in_flight = "2" if policy == "idle" else "1"
+            targets[f"batched_{policy}"] = start_server(
+                repository, "--batching-policy", policy, "--max-batches-in-flight", in_flight
+            )
         for variant in targets:
             results[variant] = {}
         for c in CONCURRENCIES:
             log(f"multi_input, 1-row requests, concurrency {c}")
-            chosen = targets if c in (1, 64) else {k: v for k, v in targets.items() if k != "batched_fixed_wait"}
+            chosen = targets if c in (1, 16, 64) else {k: v for k, v in targets.items() if k in MAIN_VARIANTS}
             for variant, result in interleaved(chosen, "multi_input", duration, rounds, concurrency=c).items():
                 results[variant][c] = result
+        cnn_targets = {k: v for k, v in targets.items() if k in MAIN_VARIANTS}
+        log("residual_cnn, 1-row requests, concurrency 64")
+        for variant, result in interleaved(cnn_targets, "residual_cnn", duration, rounds, concurrency=64).items():
+            results[f"{variant}_cnn_1row_c64"] = result
         log(f"residual_cnn, {CNN_ROWS}-row requests, concurrency 16")
-        cnn_targets = {k: v for k, v in targets.items() if k != "batched_fixed_wait"}
         for variant, result in interleaved(cnn_targets, "residual_cnn", duration, rounds, concurrency=16,
                                            rows=CNN_ROWS).items():  # fmt: skip
             results[f"{variant}_cnn"] = result
         peak = max(r["throughput_rps"] for r in results["batched"].values())
-        log(f"open loop at 50 % and 90 % of the batched peak ({peak:.0f} req/s)")
-        batched = targets["batched"]
-        assert isinstance(batched, ServerProcess)
-        results["open_loop"] = {
-            f"{int(share * 100)}%": measured(batched, batched.target, "multi_input", duration,
-                                             rate=round(share * peak), warmup=0)
-            for share in (0.5, 0.9)
-        }  # fmt: skip
+        log(f"open loop at 10, 25 and 50 % of the batched peak ({peak:.0f} req/s), batched and unbatched")
+        results["open_loop"] = {}
+        for share in OPEN_LOOP_SHARES:
+            rate = round(share * peak)
+            for variant, result in interleaved({k: targets[k] for k in ("batched", "unbatched")}, "multi_input",
+                                               duration, 1, rate=rate, warmup=0).items():  # fmt: skip
+                results["open_loop"][f"{variant} {int(share * 100)}%"] = result
     finally:
         for target in targets.values():
             target.stop()
@@ -196,37 +219,60 @@ def run(duration: float, rounds: int) -> dict:
 
 
 def ratios(r: dict) -> dict:
+    """The performance goals, each as a ratio of two things measured in this run."""
     b, u, e = r["batched"], r["unbatched"], r["echo"]
-    ceiling_32 = r["compute_ceiling"]["residual_cnn"][str(CNN_ROWS)]["rows_per_s"]  # keys from JSON
-    return {
+    cnn_ceiling = max(x["rows_per_s"] for x in r["compute_ceiling"]["residual_cnn"].values())
+    ol = r["open_loop"]
+    out = {
+        "1_batched_over_echo_c64": b[64]["throughput_rps"] / e[64]["throughput_rps"],
+        "1_batched_p99_over_p50_c64": b[64]["latency_ms"]["p99"] / b[64]["latency_ms"]["p50"],
+        "2_batched_over_unbatched_c16": b[16]["throughput_rps"] / u[16]["throughput_rps"],
+        "2_batched_over_echo_c16": b[16]["throughput_rps"] / e[16]["throughput_rps"],
+        "3_batched_over_unbatched_p50_c1": b[1]["latency_ms"]["p50"] / u[1]["latency_ms"]["p50"],
+        "4_cnn_1row_p99_over_p50_c64": r["batched_cnn_1row_c64"]["latency_ms"]["p99"]
+        / r["batched_cnn_1row_c64"]["latency_ms"]["p50"],
+        "5_cnn_batched_over_unbatched_rows_32": r["batched_cnn"]["rows_per_s"] / r["unbatched_cnn"]["rows_per_s"],
+        "5_cnn_batched_rows_over_compute_ceiling": r["batched_cnn"]["rows_per_s"] / cnn_ceiling,
+        "6_batched_cpu_per_request_over_echo_c64": b[64]["server_cpu_ms_per_request"]
+        / e[64]["server_cpu_ms_per_request"],
         "batched_over_unbatched_c64": b[64]["throughput_rps"] / u[64]["throughput_rps"],
-        "batched_over_echo_c64": b[64]["throughput_rps"] / e[64]["throughput_rps"],
-        "batched_over_unbatched_p50_c1": b[1]["latency_ms"]["p50"] / u[1]["latency_ms"]["p50"],
-        "cnn_batched_rows_over_compute_ceiling_32": r["batched_cnn"]["rows_per_s"] / ceiling_32,
-        "cnn_unbatched_rows_over_compute_ceiling_32": r["unbatched_cnn"]["rows_per_s"] / ceiling_32,
-        "idle_over_fixed_wait_c64": b[64]["throughput_rps"] / r["batched_fixed_wait"][64]["throughput_rps"],
-        "idle_over_fixed_wait_p50_c1": b[1]["latency_ms"]["p50"] / r["batched_fixed_wait"][1]["latency_ms"]["p50"],
+        "mean_rows_per_batch_c16": b[16]["mean_rows_per_batch"],
         "mean_rows_per_batch_c64": b[64]["mean_rows_per_batch"],
     }
+    for share in OPEN_LOOP_SHARES:
+        batched, unbatched = ol[f"batched {int(share * 100)}%"], ol[f"unbatched {int(share * 100)}%"]
+        for q in ("p50", "p99"):
+            out[f"3_open_loop_{int(share * 100)}%_{q}_batched_over_unbatched"] = (
+                batched["latency_ms"][q] / unbatched["latency_ms"][q]
+            )
+    for policy in OTHER_POLICIES:
+        other = r[f"batched_{policy}"]
+        for c in (1, 16, 64):
+            out[f"default_over_{policy}_throughput_c{c}"] = b[c]["throughput_rps"] / other[c]["throughput_rps"]
+        out[f"default_over_{policy}_p50_c1"] = b[1]["latency_ms"]["p50"] / other[1]["latency_ms"]["p50"]
+    return out
 
 
 def table(r: dict) -> str:
     def row(name: str, x: dict) -> str:
         lat = x["latency_ms"]
         rpb = x.get("mean_rows_per_batch")
+        cpu = x.get("server_cpu_ms_per_request")
         return (f"| {name} | {x['throughput_rps']:.0f} | {x['rows_per_s']:.0f} | {lat['p50']:.2f} | {lat['p90']:.2f} | "
                 f"{lat['p99']:.2f} | {lat['max']:.1f} | {'' if rpb is None else f'{rpb:.1f}'} | "
-                f"{sum(x['errors'].values())} |")  # fmt: skip
+                f"{'' if cpu is None else f'{cpu:.3f}'} | {sum(x['errors'].values())} |")  # fmt: skip
 
-    lines = ["| run | req/s | rows/s | p50 ms | p90 ms | p99 ms | max ms | rows/batch | errors |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for variant in ("echo", "unbatched", "batched", "batched_fixed_wait"):
+    lines = ["| run | req/s | rows/s | p50 ms | p90 ms | p99 ms | max ms | rows/batch | server CPU ms/req | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for variant in (*MAIN_VARIANTS, *(f"batched_{p}" for p in OTHER_POLICIES)):
         for c, x in r[variant].items():
             lines.append(row(f"multi_input {variant} c={c}", x))
-    for variant in ("echo_cnn", "unbatched_cnn", "batched_cnn"):
-        lines.append(row(f"residual_cnn {variant.removesuffix('_cnn')} {CNN_ROWS} rows c=16", r[variant]))
-    for share, x in r["open_loop"].items():
-        lines.append(row(f"multi_input batched open loop {share} ({x['rate']:.0f} req/s)", x))
+    for variant in MAIN_VARIANTS:
+        lines.append(row(f"residual_cnn {variant} 1 row c=64", r[f"{variant}_cnn_1row_c64"]))
+    for variant in MAIN_VARIANTS:
+        lines.append(row(f"residual_cnn {variant} {CNN_ROWS} rows c=16", r[f"{variant}_cnn"]))
+    for name, x in r["open_loop"].items():
+        lines.append(row(f"multi_input {name.split()[0]} open loop {name.split()[1]} ({x['rate']:.0f} req/s)", x))
     return "\n".join(lines)
 
 

@@ -52,8 +52,8 @@ class BatchingConfig:
     max_batch_size: int = 64
     batch_timeout: float = 0.01
     max_queued_rows: int = 4096
-    policy: Policy = "idle"
-    max_batches_in_flight: int = 2
+    policy: Policy = "eager"
+    max_batches_in_flight: int = 1
     allowed_batch_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:

@@ -145,12 +145,15 @@ class Settings:
         4096, "Rows queued per model at most; beyond it requests fail at once with RESOURCE_EXHAUSTED.", int
     )
     batching_policy: str = _setting(
-        "idle",
-        "'idle': run at once when the model has no batch running, else wait up to --batch-timeout; "
+        "eager",
+        "'eager': a free batch slot takes whatever is queued at once (batches grow with load, no timer); "
+        "'idle': run at once when the model is idle, else wait up to a learned window (at most --batch-timeout); "
         "'fixed': always wait for a full batch or --batch-timeout.",
     )
     max_batches_in_flight: int = _setting(
-        2, "Batches of one model running at once, so preparing the next overlaps the current one.", int
+        1,
+        "Batches of one model running at once; while they run, requests queue and form the next batch.",
+        int,
     )
     model_batching: dict[str, dict[str, Any]] = _setting(
         {},

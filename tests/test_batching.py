@@ -181,6 +181,26 @@ def test_idle_policy_runs_a_lone_request_at_once_and_grows_batches_under_load(ex
     assert runtime.calls == [1, 2, 8]
 
 
+def test_eager_policy_runs_at_once_and_batches_what_queues_while_the_model_is_busy(executor, runtime):
+    async def scenario():
+        # A huge timeout that must never be waited out: eager batching has no timer.
+        batcher = make_batcher(executor, max_batch_size=64, batch_timeout=1000, policy="eager", max_batches_in_flight=1)
+        await batcher.run(runtime, rows_of(1, seed=0), 1)  # idle model: runs at once
+        runtime.gate.clear()
+        first = asyncio.create_task(batcher.run(runtime, rows_of(2, seed=1), 2))
+        await asyncio.to_thread(runtime.started.wait, 10)
+        queued = [asyncio.create_task(batcher.run(runtime, rows_of(1, seed=i), 1)) for i in range(5)]
+        await settle()
+        assert runtime.calls == [1, 2], "a request ran while the only batch slot was taken"
+        runtime.gate.set()  # the slot frees: the 5 queued rows go together, padded to 8, without waiting
+        return await asyncio.wait_for(asyncio.gather(first, *queued), 30)
+
+    results = asyncio.run(scenario())
+    assert runtime.calls == [1, 2, 8]
+    expected = runtime.runtime.predict(rows_of(1, seed=3))["output"]
+    np.testing.assert_allclose(results[4]["output"], expected, atol=1e-6)  # rows of seed 3 came back to their caller
+
+
 def test_full_queue_sheds_load_at_once_and_the_rest_still_succeed(executor, runtime):
     rejected = sample("modelserver_rejected_requests_total", reason="queue_full")
 
