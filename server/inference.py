@@ -18,7 +18,7 @@ import numpy as np
 
 from server import metrics
 from server.batching import BatchingConfig
-from server.errors import InvalidInputError, ModelNotFoundError, UnavailableError, quoted
+from server.errors import InvalidInputError, ModelNotFoundError, OverloadedError, UnavailableError, quoted
 from server.runtime import ModelRuntime
 from server.tensors import TensorSpec, check_finite_outputs, rows_from_flat, validate_inputs
 
@@ -108,7 +108,6 @@ class InferenceService:
             await self._released.wait()
         if self.phase in (Phase.DRAINING, Phase.CLOSING):
             raise UnavailableError("the server is shutting down and accepts no new requests; retry elsewhere")
-        self._admit(self._in_flight)
 
     def resolve(self, name: str, version: int = 0) -> ModelRuntime:
         """The runtime for a model and version (0 = latest loaded)."""
@@ -158,7 +157,12 @@ class InferenceService:
         prepare: Callable[[ModelRuntime], Mapping[str, np.ndarray]],
         deadline: float | None,
     ) -> InferenceResult:
-        """Prepare and validate the inputs (counting rejections), then run them, tracked as in flight."""
+        """Admit, prepare and validate the inputs (counting rejections), then run them, tracked as in flight."""
+        try:
+            self._admit(self._in_flight)
+        except OverloadedError:
+            metrics.REJECTED.labels(runtime.name, "overloaded").inc()
+            raise
         try:
             inputs = prepare(runtime)
             rows = validate_inputs(runtime.name, runtime.inputs, inputs)

@@ -67,7 +67,8 @@ QUEUE_ROWS = Gauge(
 )
 REJECTED = Counter(
     "modelserver_rejected_requests",
-    "Requests that never reached the model, by reason: queue_full, deadline, cancelled, invalid.",
+    "Requests that never reached the model, by reason: overloaded (server-wide admission), queue_full, deadline "
+    "(expired, or not meetable behind the queued work), cancelled, invalid.",
     ["model", "reason"],
 )
 MODEL_READY = Gauge(

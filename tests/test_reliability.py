@@ -121,6 +121,7 @@ def test_overload_is_refused_with_resource_exhausted_and_the_server_recovers(mod
         )
         client_refused = crowd.get("RESOURCE_EXHAUSTED", 0) + open_loop.errors.get("RESOURCE_EXHAUSTED", 0)
         assert refused - refused_before == client_refused, "every refusal is counted by the server"
+        assert server.metric("modelserver_rejected_requests_total", model="multi_input", reason="overloaded") > 0
         with grpc.insecure_channel(server.target) as channel:
             response = channel.unary_unary(
                 "/modelserver.v1.ModelService/PredictMultiInput",
