@@ -144,7 +144,8 @@ class Batcher:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._executor = executor
-        self.config = config_for
+        # Settings are fixed for the server's life; building them per request cost a dataclass every call.
+        self.config = functools.cache(config_for)
         self._clock = clock
         self._queues: dict[tuple[str, int], _ModelQueue] = {}
 
