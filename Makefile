@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto')
 GENERATED := modelserver/v1/modelserver_pb2.py
 
-.PHONY: run test generate lint bench bench-reliability clean
+.PHONY: run test generate lint bench bench-reliability bench-protocols perf-analyzer clean
 
 # Reinstall when the dependency pins change or the venv's interpreter no longer runs.
 $(STAMP): pyproject.toml requirements.lock
@@ -25,6 +25,7 @@ run: $(STAMP) $(GENERATED)
 	$(PY) -m server $(ARGS)
 
 test: $(STAMP) $(GENERATED)
+	-@$(MAKE) --no-print-directory $(PERF_ANALYZER)  # best effort: without it tests/test_perf_analyzer.py skips
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -33,8 +34,14 @@ lint: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# Triton's perf_analyzer from the tritonclient 2.41.1 wheel, kept out of the venv (bench/perf_analyzer.py).
+PERF_ANALYZER := .perf_analyzer/bin/perf_analyzer
+perf-analyzer: $(PERF_ANALYZER)
+$(PERF_ANALYZER): bench/perf_analyzer.py | $(STAMP)
+	$(PY) bench/perf_analyzer.py
+
 clean:
-	rm -rf $(VENV) model_repository .pytest_cache .ruff_cache
+	rm -rf $(VENV) model_repository .pytest_cache .ruff_cache .perf_analyzer
 
 bench: $(STAMP) $(GENERATED)
 	$(PY) bench/run.py $(ARGS)
@@ -42,3 +49,6 @@ bench: $(STAMP) $(GENERATED)
 # Drain over 10 SIGTERMs, overload at 2x and 4x capacity, and a 10-minute soak (about 13 minutes in all).
 bench-reliability: $(STAMP) $(GENERATED)
 	$(PY) bench/reliability.py $(ARGS)
+
+bench-protocols: $(STAMP) $(GENERATED)
+	$(PY) bench/protocols.py $(ARGS)

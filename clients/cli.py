@@ -6,12 +6,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
 from clients import loadtest
 from clients.client import TYPED_MODELS, ModelServerClient, read_token, tls_credentials
+from clients.oip import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="print the health status; exit 0 when SERVING, 1 otherwise")
     health.add_argument("--service", default="", help="a model name or gRPC service name (default: the whole server)")
 
-    predict = commands.add_parser("predict", help="run a prediction and print {output name: rows} as JSON")
-    predict.add_argument("model", choices=sorted(TYPED_MODELS))
+    predict = commands.add_parser(
+        "predict", help="run a prediction with any model (Open Inference Protocol) and print {output: rows} as JSON"
+    )
+    predict.add_argument("model", help="any model of the repository (`list` shows them)")
     predict.add_argument(
         "--json",
         required=True,
@@ -47,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="print every model and whether it is ready, as JSON")
 
     load = commands.add_parser("loadtest", help="load-test a model (closed or open loop) and print a summary")
-    load.add_argument("model", choices=sorted(TYPED_MODELS))
+    load.add_argument("model", help=f"with --protocol typed: one of {', '.join(sorted(TYPED_MODELS))}; OIP: any model")
     loop = load.add_mutually_exclusive_group(required=True)
     loop.add_argument("--concurrency", type=int, help="closed loop: N callers, each waits for its reply")
     loop.add_argument("--rate", type=float, help="open loop: R requests/s, sent on schedule")
@@ -62,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--channels", type=int, default=1, help="gRPC channels to spread calls over (default: 1)")
     load.add_argument("--seed", type=int, default=0, help="seed of the random input rows (default: 0)")
+    load.add_argument(
+        "--protocol",
+        choices=loadtest.PROTOCOLS,
+        default="typed",
+        help="typed: our API; oip: Open Inference Protocol ModelInfer (raw tensors, any OIP server and model); "
+        "oip-stream: ModelStreamInfer, one stream per channel (default: %(default)s)",
+    )
     load.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
     load.add_argument("--no-progress", action="store_true", help="no live progress on stderr")
     return parser
@@ -74,12 +85,22 @@ def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | N
     return tls_credentials(args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
 
 
+def _jsonable(array: Any) -> Any:
+    """Rows as JSON lists; BYTES elements as text."""
+    if array.dtype == object:
+        return [_jsonable(v) if hasattr(v, "dtype") else v.decode(errors="replace") for v in array]
+    return array.tolist()
+
+
 def _print_json(value: object) -> None:
     print(json.dumps(value, indent=2))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "loadtest" and args.protocol == "typed" and args.model not in TYPED_MODELS:
+        parser.error(f"argument model: with --protocol typed, choose from {', '.join(sorted(TYPED_MODELS))}")
     if args.command == "loadtest":
         return loadtest.main(args)
     try:
@@ -100,8 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except json.JSONDecodeError as error:
                     print(f"error: --json is not valid JSON: {error}", file=sys.stderr)
                     return 2
-                outputs = client.predict(args.model, inputs, version=args.version)
-                _print_json({name: value.tolist() for name, value in outputs.items()})
+                try:
+                    outputs = client.predict_any(args.model, inputs, version=args.version)
+                except InputError as error:
+                    print(f"error: {error}", file=sys.stderr)
+                    return 2
+                _print_json({name: _jsonable(value) for name, value in outputs.items()})
             elif args.command == "metadata":
                 _print_json(MessageToDict(client.metadata(args.model, args.version), preserving_proto_field_name=True))
             elif args.command == "list":

@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.oip import OipClient
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 
@@ -176,6 +177,13 @@ class ModelServerClient:
         typed = _typed(model)
         call = getattr(self._stub, typed.method)
         return typed.parse(call(typed.build(inputs, version), **self._call_options(timeout)))
+
+    def predict_any(
+        self, model: str, inputs: Mapping[str, Any], version: int = 0, timeout: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Predict with any model of the repository (a user's too) through the Open Inference Protocol;
+        raises clients.oip.InputError, naming the expected inputs, for a missing or unknown input."""
+        return OipClient(self._channel, self._metadata).predict(model, inputs, version, timeout or self.timeout)
 
     def predict_multi_input(self, input_a: Any, input_b: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         return self.predict("multi_input", {"input_a": input_a, "input_b": input_b}, **kwargs)

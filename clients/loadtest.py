@@ -23,7 +23,9 @@ from typing import Any, TextIO
 
 import grpc
 import numpy as np
+from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
+from clients import oip
 from clients.client import (
     DEFAULT_MAX_MESSAGE_BYTES,
     TYPED_MODELS,
@@ -41,6 +43,9 @@ INPUT_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
     "shared_layer": {"input_a": (10,), "input_b": (20,)},
     "residual_cnn": {"image": (28, 28, 1)},
 }
+# How requests are sent: our typed methods, or the Open Inference Protocol (any model of any OIP server), unary
+# or many requests over one ModelStreamInfer stream per channel.
+PROTOCOLS = ("typed", "oip", "oip-stream")
 CLIENT_OVERLOAD = "CLIENT_OVERLOAD"  # open loop: not sent because max_outstanding requests were in flight
 
 
@@ -66,11 +71,14 @@ class LoadTestConfig:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     token_file: str | None = None  # its first line is sent as a bearer token
+    protocol: str = "typed"  # "typed" (our API), "oip" (ModelInfer) or "oip-stream" (ModelStreamInfer), see PROTOCOLS
     progress: TextIO | None = None  # where live progress goes (stderr in the CLI); None: no progress
 
     def __post_init__(self) -> None:
         problems = []
-        if self.model not in TYPED_MODELS:
+        if self.protocol not in PROTOCOLS:
+            problems.append(f"protocol must be one of {', '.join(PROTOCOLS)}, got '{self.protocol}'")
+        if self.protocol == "typed" and self.model not in TYPED_MODELS:
             problems.append(f"model must be one of {', '.join(sorted(TYPED_MODELS))}, got '{self.model}'")
         if (self.concurrency is None) == (self.rate is None):
             problems.append("give exactly one of concurrency (closed loop) and rate (open loop)")
@@ -107,6 +115,7 @@ class LoadTestResult:
     version: int = 0
     warmup_s: float = 0.0
     timeout_s: float = 0.0
+    protocol: str = "typed"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -229,9 +238,35 @@ def build_request(model: str, rows: int, version: int = 0, seed: int = 0) -> Any
     return TYPED_MODELS[model].build(inputs, version)
 
 
+async def _requests_and_calls(
+    cfg: LoadTestConfig, channels: list[Any], metadata: Any
+) -> tuple[Any, list[Call], list[Any]]:
+    """The one request message, a call per channel for the protocol, and the streams to close afterwards."""
+    if cfg.protocol == "typed":
+        request = build_request(cfg.model, cfg.rows_per_request, cfg.version, cfg.seed)
+        method = TYPED_MODELS[cfg.model].method
+        return (
+            request,
+            [functools.partial(getattr(pb_grpc.ModelServiceStub(c), method), metadata=metadata) for c in channels],
+            [],
+        )
+    version = str(cfg.version) if cfg.version else ""
+    request = await oip.random_request(
+        channels[0], cfg.model, cfg.rows_per_request, version, cfg.seed, cfg.timeout, metadata
+    )
+    if cfg.protocol == "oip":
+        return (
+            request,
+            [functools.partial(oip_grpc.GRPCInferenceServiceStub(c).ModelInfer, metadata=metadata) for c in channels],
+            [],
+        )
+    streams = [oip.StreamCaller(c, metadata) for c in channels]
+    return request, list(streams), streams
+
+
 async def run_loadtest(cfg: LoadTestConfig) -> LoadTestResult:
     """Warm up (not counted), then run the measured phase and summarise it."""
-    request = build_request(cfg.model, cfg.rows_per_request, cfg.version, cfg.seed)
+    streams: list[Any] = []
     options = channel_options(0, DEFAULT_MAX_MESSAGE_BYTES)
     if cfg.channels > 1:  # otherwise channels with equal options share one connection
         options.append(("grpc.use_local_subchannel_pool", 1))
@@ -243,16 +278,14 @@ async def run_loadtest(cfg: LoadTestConfig) -> LoadTestResult:
     try:
         with contextlib.suppress(TimeoutError):  # connect first, so that the first calls do not pay for it
             await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), cfg.timeout)
-        calls = [
-            functools.partial(getattr(pb_grpc.ModelServiceStub(c), TYPED_MODELS[cfg.model].method), metadata=metadata)
-            for c in channels
-        ]
+        request, calls, streams = await _requests_and_calls(cfg, channels, metadata)
         if cfg.warmup > 0:
             await _phase(calls, request, cfg, "warm-up", math.inf, cfg.warmup)
         requests = math.inf if cfg.requests is None else cfg.requests
         duration = math.inf if cfg.duration is None else cfg.duration
         stats, elapsed = await _phase(calls, request, cfg, "load", requests, duration)
     finally:
+        await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
         await asyncio.gather(*(c.close() for c in channels))
     return _result(cfg, stats, elapsed)
 
@@ -285,6 +318,7 @@ def _result(cfg: LoadTestConfig, stats: _Stats, elapsed: float) -> LoadTestResul
         version=cfg.version,
         warmup_s=cfg.warmup,
         timeout_s=cfg.timeout,
+        protocol=cfg.protocol,
     )
 
 

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from models.registry import BUILTIN_MODELS
 from modelserver.v1 import modelserver_pb2
-from server import metrics, repository
+from server import metrics, oip_service, repository, tfserving_service
 from server.admission import AdmissionControl
 from server.batching import Batcher
 from server.device import select_device
@@ -91,12 +91,22 @@ async def _load_all(
     for name, versions in found.items():
         await health_servicer.set(name, NOT_SERVING)
         metrics.MODEL_READY.labels(name, str(versions[-1].version)).set(0)
-    for versions in found.values():
-        runtime = await loop.run_in_executor(executor, _load_model, versions, device, batcher)
+    loaded = {}
+    for name, versions in found.items():
+        try:
+            runtime = await loop.run_in_executor(executor, _load_model, versions, device, batcher)
+        except RuntimeError as error:
+            if name in BUILTIN_MODELS:
+                raise  # ours: a bug to fix, not a replica to run without it
+            # A user's model: the others serve; this one stays not ready, with its error in every status RPC.
+            log.error("%s; serving the other models without it", error)
+            core.add_failed_model(name, tuple(v.version for v in versions), str(error))
+            continue
         core.add_model(runtime, tuple(v.version for v in versions), settings.batching_for(runtime.name))
+        loaded[name] = versions
     log.info("froze %d startup objects out of the garbage collector's reach", metrics.freeze_startup_heap())
     core.start_serving()
-    for name, versions in found.items():
+    for name, versions in loaded.items():
         metrics.MODEL_READY.labels(name, str(versions[-1].version)).set(1)
         await health_servicer.set(name, SERVING)
     await health_servicer.set(SERVICE_NAME, SERVING)
@@ -207,9 +217,20 @@ async def serve(settings: Settings) -> int:
         interceptors.append(BearerTokenInterceptor(tokens, open_services=(health_service, drain_service)))
     server = _grpc_server(settings, interceptors)
     add_service(server, ModelService(core), modelserver_pb2.DESCRIPTOR.services_by_name["ModelService"])
+    add_service(server, oip_service.OipService(core), oip_service.SERVICE)
+    add_service(server, tfserving_service.PredictionService(core), tfserving_service.PREDICTION_SERVICE)
+    add_service(server, tfserving_service.ModelService(core), tfserving_service.MODEL_SERVICE)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
-        reflection.enable_server_reflection((SERVICE_NAME, health_service, reflection.SERVICE_NAME), server)
+        names = (
+            SERVICE_NAME,
+            oip_service.SERVICE.full_name,
+            tfserving_service.PREDICTION_SERVICE.full_name,
+            tfserving_service.MODEL_SERVICE.full_name,
+            health_service,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
     marker = DrainMarker()
     marker.attach(server)
     address = f"{settings.host}:{settings.grpc_port}"

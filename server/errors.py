@@ -14,6 +14,12 @@ def quoted(value: str) -> str:
     return f"{value[:MAX_ECHOED_CHARS]!r}... ({len(value)} characters)"
 
 
+def quoted_list(values: list[str], shown: int = 3) -> str:
+    """Several caller-supplied strings for an error message: the first few quoted, then how many more."""
+    text = ", ".join(quoted(v) for v in values[:shown])
+    return text + (f" and {len(values) - shown} more" if len(values) > shown else "")
+
+
 class ServingError(Exception):
     """Base class: the message tells the caller what was expected and what was received."""
 

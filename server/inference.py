@@ -8,6 +8,7 @@ runtime without either knowing of it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import time
 from collections.abc import Callable, Mapping
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from prometheus_client import REGISTRY
 
 from server import metrics
 from server.batching import BatchingConfig
@@ -54,11 +56,41 @@ class ModelMetadata:
     ready: bool
 
 
+@dataclass(frozen=True)
+class ModelSummary:
+    """A model of the repository as every protocol reports it: `error` says why it failed to load."""
+
+    name: str
+    versions: tuple[int, ...]
+    ready: bool
+    state: str  # "loading", "available", "failed" or "unloading"
+    error: str = ""
+
+
+@dataclass
+class ModelStatistics:
+    """Per-model request counters for the protocols' statistics RPCs (Prometheus has the histograms)."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    inference_count: int = 0  # rows answered
+    last_inference_ms: int = 0  # wall-clock time of the last answer, ms since the epoch
+    # From the batcher's metrics when asked (see InferenceService.statistics):
+    execution_count: int = 0  # model calls (batches)
+    compute_ns: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+
+
 @dataclass
 class _Model:
     runtimes: dict[int, ModelRuntime] = field(default_factory=dict)
     versions_on_disk: tuple[int, ...] = ()
     batching: BatchingConfig = field(default_factory=lambda: BatchingConfig(enabled=False))
+    error: str = ""  # why the model failed to load; it is then known but never served
+    stats: ModelStatistics = field(default_factory=ModelStatistics)
 
 
 @dataclass(frozen=True)
@@ -73,6 +105,7 @@ class InferenceService:
         self._runner = runner
         self._admit = admit
         self._models: dict[str, _Model] = {}
+        self._failed: dict[str, _Model] = {}
         self.phase = Phase.STARTING
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -93,6 +126,10 @@ class InferenceService:
         model.versions_on_disk = versions_on_disk
         model.batching = batching
 
+    def add_failed_model(self, name: str, versions_on_disk: tuple[int, ...], error: str) -> None:
+        """Record a model that did not load: listed and reported not ready, refused with UNAVAILABLE."""
+        self._failed[name] = _Model(versions_on_disk=versions_on_disk, error=error)
+
     def start_serving(self) -> None:
         self.phase = Phase.SERVING
 
@@ -112,6 +149,8 @@ class InferenceService:
     def resolve(self, name: str, version: int = 0) -> ModelRuntime:
         """The runtime for a model and version (0 = latest loaded)."""
         model = self._models.get(name)
+        if model is None and name in self._failed:
+            raise UnavailableError(f"model '{name}' failed to load and is not served: {self._failed[name].error}")
         if model is None and self.phase is Phase.STARTING:
             raise UnavailableError(f"the server is starting: model {quoted(name)} may still be loading; retry shortly")
         if model is None:
@@ -127,6 +166,13 @@ class InferenceService:
             )
         return runtime
 
+    def is_ready(self, name: str, version: int = 0) -> bool:
+        """Whether the model (and version, 0 = latest) answers requests now: loaded, and the server serving."""
+        model = self._models.get(name)
+        if model is None or self.phase is not Phase.SERVING:
+            return False
+        return version == 0 or version in model.runtimes
+
     async def infer(
         self, name: str, version: int, inputs: Mapping[str, np.ndarray], deadline: float | None = None
     ) -> InferenceResult:
@@ -135,7 +181,7 @@ class InferenceService:
         `deadline` is a time.monotonic() value after which the request is no longer worth running.
         """
         await self._check_accepting()
-        return await self._run(self.resolve(name, version), lambda runtime: inputs, deadline)
+        return await self._counted(self.resolve(name, version), lambda runtime: inputs, deadline)
 
     async def infer_flat(
         self, name: str, version: int, flat_inputs: Mapping[str, np.ndarray], deadline: float | None = None
@@ -149,7 +195,28 @@ class InferenceService:
                 for key, value in flat_inputs.items()
             }
 
-        return await self._run(self.resolve(name, version), reshaped, deadline)
+        return await self._counted(self.resolve(name, version), reshaped, deadline)
+
+    async def _counted(
+        self,
+        runtime: ModelRuntime,
+        prepare: Callable[[ModelRuntime], Mapping[str, np.ndarray]],
+        deadline: float | None,
+    ) -> InferenceResult:
+        """`_run`, counted in the model's statistics (success or failure, time, rows)."""
+        stats = self._models[runtime.name].stats
+        started = time.perf_counter_ns()
+        try:
+            result = await self._run(runtime, prepare, deadline)
+        except BaseException:
+            stats.fail_count += 1
+            stats.fail_ns += time.perf_counter_ns() - started
+            raise
+        stats.success_count += 1
+        stats.success_ns += time.perf_counter_ns() - started
+        stats.inference_count += next(iter(result.outputs.values())).shape[0] if result.outputs else 0
+        stats.last_inference_ms = time.time_ns() // 1_000_000
+        return result
 
     async def _run(
         self,
@@ -186,13 +253,47 @@ class InferenceService:
     # -- introspection ----------------------------------------------------------------------------
 
     def model_names(self) -> list[str]:
+        """The loaded models (a model that failed to load is not among them; see `is_known`)."""
         return sorted(self._models)
 
-    def list_models(self) -> list[ModelMetadata]:
-        """Every loaded model's metadata; UNAVAILABLE while the repository is still loading."""
+    def is_known(self, name: str) -> bool:
+        """A model of the repository, loaded or failed: its name is a metric label of its own."""
+        return name in self._models or name in self._failed
+
+    def summary(self, name: str) -> ModelSummary:
+        """One model's state, the one source for ModelReady, GetModelStatus, ListModels and health."""
+        failed = self._failed.get(name)
+        if failed is not None:
+            return ModelSummary(name, failed.versions_on_disk, False, "failed", failed.error)
+        model = self._models.get(name)
+        if model is None:
+            self.resolve(name)  # raises the right error: UNAVAILABLE while starting, else NOT_FOUND
+        assert model is not None
+        state = {Phase.STARTING: "loading", Phase.SERVING: "available"}.get(self.phase, "unloading")
+        return ModelSummary(name, model.versions_on_disk, self.phase is Phase.SERVING, state)
+
+    def list_models(self) -> list[ModelSummary]:
+        """Every model of the repository, failed ones included; UNAVAILABLE while the repository is still loading."""
         if self.phase is Phase.STARTING:
             raise UnavailableError("the server is starting: models are still loading; retry shortly")
-        return [self.metadata(name) for name in self.model_names()]
+        return [self.summary(name) for name in sorted({*self._models, *self._failed})]
+
+    def statistics(self, name: str) -> ModelStatistics:
+        """The model's request counters (raises like `resolve` for an unknown model)."""
+        if name not in self._models:
+            self.resolve(name)
+        stats = self._models[name].stats
+
+        def sample(metric: str, suffix: str) -> float:  # the batcher's own counts, as /metrics shows them
+            return REGISTRY.get_sample_value(f"{metric}{suffix}", {"model": name}) or 0.0
+
+        return dataclasses.replace(
+            stats,
+            execution_count=int(sample("modelserver_batch_size_rows", "_count")),
+            compute_ns=int(sample("modelserver_inference_duration_seconds", "_sum") * 1e9),
+            queue_count=int(sample("modelserver_queue_duration_seconds", "_count")),
+            queue_ns=int(sample("modelserver_queue_duration_seconds", "_sum") * 1e9),
+        )
 
     def metadata(self, name: str, version: int = 0) -> ModelMetadata:
         runtime = self.resolve(name, version)

@@ -56,7 +56,7 @@ def test_predict_prints_outputs_as_json(server, keras_models):
 def test_predict_with_bad_input_prints_the_servers_message(server):
     done = cli(server, "predict", "multi_input", "--json", '{"input_a": [[1, 2]], "input_b": [[1, 2]]}')
     assert done.returncode == 1
-    assert "INVALID_ARGUMENT" in done.stderr and "multiple of 10" in done.stderr
+    assert "INVALID_ARGUMENT" in done.stderr and "(rows, 10)" in done.stderr
 
 
 def test_metadata_and_list(server):

@@ -1,0 +1,325 @@
+"""Open Inference Protocol (KServe v2) messages <-> numpy: every conversion for `server/oip_service.py`.
+
+Tensors arrive either typed (`contents`, one repeated field per datatype) or raw (`raw_input_contents`:
+little-endian bytes, BYTES elements as a 4-byte length and the bytes). Raw bytes decode without a copy
+(`np.frombuffer`); a reply is raw when its request was. The stubs are the ones tritonclient ships.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+
+from server.errors import InvalidInputError, quoted, quoted_list
+from server.tensors import TensorSpec
+
+# The protocol's datatypes, and the numpy dtype each one is (little-endian on the wire).
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "BYTES": np.dtype(object),
+}
+_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+
+# Which InferTensorContents field carries each datatype when sent typed; FP16 and BF16 go raw only.
+_FIELDS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_ALL_FIELDS = sorted(set(_FIELDS.values()))
+
+# Parameters we take (and what we do with them); any other key is refused, naming these.
+REQUEST_PARAMETERS = {
+    "timeout": "an int64 deadline in microseconds, applied like a gRPC deadline",
+    # perf_analyzer and tritonclient streams send it; with one response per request every response is final.
+    "triton_enable_empty_final_response": "accepted; each response is final and says so (triton_final_response)",
+}
+INPUT_PARAMETERS = {"binary_data_size": "ignored (HTTP/REST framing)"}
+OUTPUT_PARAMETERS = {"binary_data": "ignored: the reply is raw when the request was raw"}
+
+
+def datatype_of(dtype: np.dtype) -> str:
+    """The protocol's name for a numpy dtype (TF strings are numpy objects: BYTES)."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise InvalidInputError(f"dtype {dtype.name} has no Open Inference Protocol datatype") from None
+
+
+def parse_version(model: str, version: str) -> int:
+    """OIP versions are strings: "" is the latest (0 for the core), otherwise a positive decimal integer."""
+    if version == "":
+        return 0
+    if not version.isdigit() or int(version) < 1:
+        raise InvalidInputError(
+            f"model {quoted(model)} version must be a positive integer or '' for the latest, got {quoted(version)}"
+        )
+    return int(version)
+
+
+def check_parameters(where: str, parameters: Mapping[str, pb.InferParameter], allowed: Mapping[str, str]) -> None:
+    unknown = sorted(set(parameters) - set(allowed))
+    if unknown:
+        supported = "; ".join(f"'{k}': {v}" for k, v in allowed.items()) or "none"
+        raise InvalidInputError(
+            f"{where}: parameter {quoted_list(unknown)} is not supported "
+            f"(no sequences, priorities, shared memory or classification here); supported: {supported}"
+        )
+
+
+def timeout_seconds(request: pb.ModelInferRequest) -> float | None:
+    """The request's 'timeout' parameter (microseconds, as Triton defines it) in seconds, or None."""
+    if "timeout" not in request.parameters:
+        return None
+    parameter = request.parameters["timeout"]
+    if parameter.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param"):
+        raise InvalidInputError("parameter 'timeout' must be an integer number of microseconds")
+    value = parameter.int64_param or parameter.uint64_param
+    if value < 0:
+        raise InvalidInputError(f"parameter 'timeout' must be >= 0 microseconds, got {value}")
+    return value / 1e6 if value else None
+
+
+def _expected_elements(model: str, tensor: pb.ModelInferRequest.InferInputTensor) -> int:
+    if any(d < 0 for d in tensor.shape):
+        raise InvalidInputError(
+            f"model '{model}' input {quoted(tensor.name)} has shape {list(tensor.shape)[:16]}: "
+            "expected non-negative dimensions (the rows first)"
+        )
+    return int(np.prod(tensor.shape, dtype=np.int64))
+
+
+def deserialize_bytes(model: str, name: str, raw: bytes) -> np.ndarray:
+    """BYTES raw contents: each element a 4-byte little-endian length followed by that many bytes."""
+    items, offset, view = [], 0, memoryview(raw)
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInputError(f"model '{model}' input {name}: BYTES raw contents end inside a length prefix")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidInputError(
+                f"model '{model}' input {name}: a BYTES element of {length} bytes runs past the end of its "
+                f"raw contents ({len(raw)} bytes)"
+            )
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    parts = []
+    for item in array.ravel():
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts += [struct.pack("<I", len(data)), data]
+    return b"".join(parts)
+
+
+def _from_raw(model: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype, raw: bytes) -> np.ndarray:
+    count = _expected_elements(model, tensor)
+    name = quoted(tensor.name)
+    if tensor.datatype == "BYTES":
+        array = deserialize_bytes(model, name, raw)
+        if array.size != count:
+            raise InvalidInputError(
+                f"model '{model}' input {name} has shape {list(tensor.shape)} ({count} elements), "
+                f"got {array.size} BYTES elements"
+            )
+        return array.reshape(tuple(tensor.shape))
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInputError(
+            f"model '{model}' input {name} of shape {list(tensor.shape)} and datatype {tensor.datatype} needs "
+            f"{count * dtype.itemsize} bytes of raw contents ({count} x {dtype.itemsize}), got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(tuple(tensor.shape))
+
+
+def _from_contents(model: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype) -> np.ndarray:
+    name = quoted(tensor.name)
+    field = _FIELDS.get(tensor.datatype)
+    if field is None:
+        raise InvalidInputError(
+            f"model '{model}' input {name} of datatype {tensor.datatype} must be sent as raw_input_contents "
+            "(the protocol has no typed field for it)"
+        )
+    used = [f for f in _ALL_FIELDS if len(getattr(tensor.contents, f))]
+    if used and used != [field]:
+        raise InvalidInputError(
+            f"model '{model}' input {name} has datatype {tensor.datatype}: its values go in contents.{field}, "
+            f"got {', '.join('contents.' + f for f in used)}"
+        )
+    values = getattr(tensor.contents, field)
+    count = _expected_elements(model, tensor)
+    if len(values) != count:
+        raise InvalidInputError(
+            f"model '{model}' input {name} has shape {list(tensor.shape)} ({count} elements), "
+            f"got {len(values)} values in contents.{field}"
+        )
+    if tensor.datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+    elif dtype.kind in "iu" and dtype.itemsize < 4:
+        wide = np.fromiter(values, dtype=np.int64, count=count)
+        info = np.iinfo(dtype)
+        if count and (wide.min() < info.min or wide.max() > info.max):
+            raise InvalidInputError(
+                f"model '{model}' input {name} of datatype {tensor.datatype} takes values from {info.min} to "
+                f"{info.max}, got {wide.min()} to {wide.max()}"
+            )
+        array = wide.astype(dtype)
+    else:
+        array = np.fromiter(values, dtype=dtype, count=count)
+    return array.reshape(tuple(tensor.shape))
+
+
+def decode_inputs(model: str, request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """The request's input tensors as numpy arrays (rows first), checked against the request's own shapes;
+    the core then checks them against the model's signature."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInputError(
+            f"model '{model}': raw_input_contents must hold one entry per input ({len(request.inputs)}), "
+            f"got {len(raw)}; send every input raw or every input typed"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        name = quoted(tensor.name)
+        check_parameters(f"model '{model}' input {name}", tensor.parameters, INPUT_PARAMETERS)
+        if tensor.name in arrays:
+            raise InvalidInputError(f"model '{model}' input {name} appears twice in the request")
+        dtype = DATATYPES.get(tensor.datatype)
+        if dtype is None:
+            raise InvalidInputError(
+                f"model '{model}' input {name} has datatype {quoted(tensor.datatype)}; "
+                f"expected one of {', '.join(DATATYPES)}"
+            )
+        if raw:
+            arrays[tensor.name] = _from_raw(model, tensor, dtype, raw[index])
+        else:
+            arrays[tensor.name] = _from_contents(model, tensor, dtype)
+    return arrays
+
+
+def check_datatypes(model: str, specs: Mapping[str, TensorSpec], request: pb.ModelInferRequest) -> None:
+    """Refuse an input whose datatype is not the model's, in the protocol's own words, before decoding it."""
+    for tensor in request.inputs:
+        spec = specs.get(tensor.name)
+        if spec is not None and DATATYPES.get(tensor.datatype) != spec.dtype:
+            raise InvalidInputError(
+                f"model '{model}' input {quoted(tensor.name)} has datatype {_NAMES.get(spec.dtype, spec.dtype.name)}, "
+                f"got {quoted(tensor.datatype)}"
+            )
+
+
+def requested_outputs(model: str, specs: Mapping[str, TensorSpec], request: pb.ModelInferRequest) -> list[str]:
+    """The outputs to return, in the order asked for: all the model's when the request names none."""
+    if not request.outputs:
+        return list(specs)
+    names = []
+    for output in request.outputs:
+        check_parameters(f"model '{model}' output {quoted(output.name)}", output.parameters, OUTPUT_PARAMETERS)
+        if output.name not in specs:
+            raise InvalidInputError(
+                f"model '{model}' has no output named {quoted(output.name)}; expected outputs: {', '.join(specs)}"
+            )
+        if output.name not in names:
+            names.append(output.name)
+    return names
+
+
+def encode_response(
+    request: pb.ModelInferRequest, model: str, version: int, outputs: Mapping[str, np.ndarray], names: Iterable[str]
+) -> pb.ModelInferResponse:
+    """The reply: the named outputs, raw when the request came raw (and always for FP16/BF16), else typed."""
+    response = pb.ModelInferResponse(model_name=model, model_version=str(version), id=request.id)
+    if "triton_enable_empty_final_response" in request.parameters:
+        response.parameters["triton_final_response"].bool_param = True
+    names = list(names)
+    raw = bool(request.raw_input_contents) or any(_raw_only(outputs[n].dtype) for n in names)
+    for name in names:
+        array = outputs[name]
+        datatype = datatype_of(array.dtype)
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        if raw:
+            if datatype == "BYTES":
+                response.raw_output_contents.append(serialize_bytes(array))
+            else:
+                little_endian = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
+                response.raw_output_contents.append(little_endian.tobytes())
+        else:
+            getattr(tensor.contents, _FIELDS[datatype]).extend(array.ravel().tolist())
+    return response
+
+
+def _raw_only(dtype: np.dtype) -> bool:
+    return _NAMES.get(dtype) in ("FP16", "BF16")
+
+
+def tensor_metadata(specs: Sequence[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    """Shapes with the rows first as -1 (any), and -1 for any other dimension of variable size."""
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(
+            name=s.name, datatype=datatype_of(s.dtype), shape=[-1, *(-1 if d is None else d for d in s.shape)]
+        )
+        for s in specs
+    ]
+
+
+def _config_type(dtype: np.dtype) -> int:
+    return mc.DataType.Value("TYPE_STRING" if dtype == np.dtype(object) else f"TYPE_{datatype_of(dtype)}")
+
+
+def model_config(
+    name: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    max_batch_size: int,
+    batching: tuple[tuple[int, ...], float] | None,
+) -> mc.ModelConfig:
+    """The model as Triton's ModelConfig describes it: rows are the batch dimension (left out of dims),
+    and dynamic batching lists our allowed batch sizes and the batch timeout when batching is on."""
+    config = mc.ModelConfig(
+        name=name,
+        platform="tensorflow_savedmodel",
+        backend="tensorflow",
+        max_batch_size=max_batch_size,
+        input=[mc.ModelInput(name=s.name, data_type=_config_type(s.dtype), dims=_dims(s)) for s in inputs],
+        output=[mc.ModelOutput(name=s.name, data_type=_config_type(s.dtype), dims=_dims(s)) for s in outputs],
+    )
+    if batching is not None:
+        sizes, timeout = batching
+        config.dynamic_batching.preferred_batch_size.extend(sizes)
+        config.dynamic_batching.max_queue_delay_microseconds = int(timeout * 1e6)
+    return config
+
+
+def _dims(spec: TensorSpec) -> list[int]:
+    return [-1 if d is None else d for d in spec.shape]

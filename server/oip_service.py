@@ -1,0 +1,195 @@
+"""The Open Inference Protocol servicer (`inference.GRPCInferenceService`, KServe v2 / Triton): decode, hand to
+the core, encode. Conversions live in `server/oip_codec.py`; validation, batching and metrics are the core's.
+
+Unary RPCs go through `server.rpc.rpc`. ModelStreamInfer answers every message of the stream on its own, as
+it completes (ids tell them apart), with the same status mapping and request metrics per message; an error
+is a message on the stream (`error_message`), the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from importlib import metadata as package_metadata
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+
+from server import oip_codec as oip
+from server.errors import quoted
+from server.inference import InferenceService, Phase
+from server.metrics import REQUEST_DURATION, REQUESTS
+from server.rpc import MalformedRequest, deadline_of, rpc
+from server.status import to_status
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+# Requests of one stream being answered at once; the stream's reader waits beyond that (back-pressure).
+MAX_STREAM_IN_FLIGHT = 1024
+_END = object()
+
+
+def _server_version() -> str:
+    try:
+        return package_metadata.version("modelserver")
+    except package_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class OipService:
+    def __init__(self, core: InferenceService) -> None:
+        self._core = core
+        self._version = _server_version()
+
+    def _label(self, name: str) -> str:
+        """A metric label for a caller-supplied model name: unknown names share one label."""
+        return name if self._core.is_known(name) else "unknown"
+
+    @rpc("ServerLive", lambda self, request: "")
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc("ServerReady", lambda self, request: "")
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerReadyResponse(ready=self._core.phase is Phase.SERVING)
+
+    @rpc("ModelReady", lambda self, request: self._label(request.name))
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:
+        """False for a model that is loading, failed to load, draining, or unknown (as Triton answers)."""
+        version = oip.parse_version(request.name, request.version)
+        return pb.ModelReadyResponse(ready=self._core.is_ready(request.name, version))
+
+    @rpc("ServerMetadata", lambda self, request: "")
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerMetadataResponse(
+            name="modelserver", version=self._version, extensions=["model_configuration", "statistics"]
+        )
+
+    @rpc("ModelMetadata", lambda self, request: self._label(request.name))
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
+        meta = self._core.metadata(request.name, oip.parse_version(request.name, request.version))
+        return pb.ModelMetadataResponse(
+            name=meta.name,
+            versions=[str(meta.version)],
+            platform=meta.platform,
+            inputs=oip.tensor_metadata(meta.inputs),
+            outputs=oip.tensor_metadata(meta.outputs),
+        )
+
+    @rpc("ModelConfig", lambda self, request: self._label(request.name))
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> Any:
+        meta = self._core.metadata(request.name, oip.parse_version(request.name, request.version))
+        b = meta.batching
+        config = oip.model_config(
+            meta.name,
+            meta.inputs,
+            meta.outputs,
+            b.max_batch_size,
+            (b.allowed_batch_sizes, b.batch_timeout) if b.enabled else None,
+        )
+        return pb.ModelConfigResponse(config=config)
+
+    @rpc("ModelStatistics", lambda self, request: self._label(request.name) if request.name else "")
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> Any:
+        """Counts and times per model; an empty name asks for every loaded model."""
+        names = [request.name] if request.name else self._core.model_names()
+        response = pb.ModelStatisticsResponse()
+        for name in names:
+            version = self._core.resolve(name, oip.parse_version(name, request.version)).version
+            s = self._core.statistics(name)
+            stats = response.model_stats.add(
+                name=name,
+                version=str(version),
+                last_inference=s.last_inference_ms,
+                inference_count=s.inference_count,
+                execution_count=s.execution_count,
+            )
+            # Triton counts queue and compute per request (perf_analyzer checks that the counts agree): a request's
+            # compute is its time in the core less its time queued; the batches are execution_count.
+            infer = stats.inference_stats
+            infer.success.MergeFrom(pb.StatisticDuration(count=s.success_count, ns=s.success_ns))
+            infer.fail.MergeFrom(pb.StatisticDuration(count=s.fail_count, ns=s.fail_ns))
+            infer.queue.MergeFrom(pb.StatisticDuration(count=s.success_count, ns=min(s.queue_ns, s.success_ns)))
+            compute = pb.StatisticDuration(count=s.success_count, ns=max(0, s.success_ns - s.queue_ns))
+            infer.compute_infer.MergeFrom(compute)
+            infer.compute_input.MergeFrom(pb.StatisticDuration(count=s.success_count))
+            infer.compute_output.MergeFrom(pb.StatisticDuration(count=s.success_count))
+        return response
+
+    @rpc("ModelInfer", lambda self, request: self._label(request.model_name))
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._infer(request, deadline_of(context))
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        name = request.model_name
+        version = oip.parse_version(name, request.model_version)
+        oip.check_parameters(f"model {quoted(name)}", request.parameters, oip.REQUEST_PARAMETERS)
+        timeout = oip.timeout_seconds(request)
+        if timeout is not None:
+            deadline = min(d for d in (deadline, time.monotonic() + timeout) if d is not None)
+        runtime = self._core.resolve(name, version)
+        oip.check_datatypes(name, runtime.inputs, request)
+        outputs = oip.requested_outputs(name, runtime.outputs, request)
+        result = await self._core.infer(name, runtime.version, oip.decode_inputs(name, request), deadline)
+        return oip.encode_response(request, name, result.version, result.outputs, outputs)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest | MalformedRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Many requests over one call: each is answered when it completes, so they batch with each other."""
+        deadline = deadline_of(context)
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        slots = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest | MalformedRequest) -> None:
+            try:
+                answers.put_nowait(await self._stream_one(request, deadline))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                await asyncio.gather(*pending)
+            finally:
+                answers.put_nowait(_END)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await answers.get()) is not _END:
+                yield item
+            reader.result()  # the stream broke (not merely ended): let gRPC end the call with its status
+        finally:
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
+
+    async def _stream_one(
+        self, request: pb.ModelInferRequest | MalformedRequest, deadline: float | None
+    ) -> pb.ModelStreamInferResponse:
+        """One stream message, mapped and counted exactly as a unary ModelInfer would be."""
+        started = time.perf_counter()
+        code, label = grpc.StatusCode.OK, "unknown"
+        try:
+            if isinstance(request, MalformedRequest):
+                raise request.error()
+            label = self._label(request.model_name)
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as error:
+            code, message = to_status(error)
+            echo = pb.ModelInferResponse()
+            if isinstance(request, pb.ModelInferRequest):
+                echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+            return pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=echo)
+        finally:
+            REQUESTS.labels(label, "ModelStreamInfer", code.name).inc()
+            REQUEST_DURATION.labels(label, "ModelStreamInfer").observe(time.perf_counter() - started)

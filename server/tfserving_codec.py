@@ -1,0 +1,177 @@
+"""TensorFlow Serving messages <-> numpy: every conversion for `server/tfserving_service.py`.
+
+A TensorProto carries its values either packed (`tensor_content`: little-endian bytes, what
+`tf.make_tensor_proto` writes for numbers) or in a typed field (`float_val`, `int_val`, `string_val`, ...,
+where one value may stand for the whole shape). Replies use `tensor_content` (strings: `string_val`).
+The stubs are the ones the tensorflow-serving-api package ships.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
+
+from server.errors import InvalidInputError, ModelNotFoundError, quoted
+from server.tensors import TensorSpec
+
+SIGNATURE = "serving_default"
+METHOD_NAME = "tensorflow/serving/predict"
+
+# TensorFlow dtypes a SavedModel signature can have that numpy (with ml_dtypes) holds, and their value field.
+_DTYPES: dict[int, tuple[np.dtype, str]] = {
+    types_pb2.DT_FLOAT: (np.dtype(np.float32), "float_val"),
+    types_pb2.DT_DOUBLE: (np.dtype(np.float64), "double_val"),
+    types_pb2.DT_HALF: (np.dtype(np.float16), "half_val"),
+    types_pb2.DT_BFLOAT16: (np.dtype(ml_dtypes.bfloat16), "half_val"),
+    types_pb2.DT_INT8: (np.dtype(np.int8), "int_val"),
+    types_pb2.DT_INT16: (np.dtype(np.int16), "int_val"),
+    types_pb2.DT_INT32: (np.dtype(np.int32), "int_val"),
+    types_pb2.DT_INT64: (np.dtype(np.int64), "int64_val"),
+    types_pb2.DT_UINT8: (np.dtype(np.uint8), "int_val"),
+    types_pb2.DT_UINT16: (np.dtype(np.uint16), "int_val"),
+    types_pb2.DT_UINT32: (np.dtype(np.uint32), "uint32_val"),
+    types_pb2.DT_UINT64: (np.dtype(np.uint64), "uint64_val"),
+    types_pb2.DT_BOOL: (np.dtype(np.bool_), "bool_val"),
+    types_pb2.DT_STRING: (np.dtype(object), "string_val"),
+}
+_ENUMS = {dtype: enum for enum, (dtype, _) in _DTYPES.items()}
+
+
+def dtype_enum(dtype: np.dtype) -> int:
+    return _ENUMS.get(dtype, types_pb2.DT_INVALID)
+
+
+def version_of(model: str, spec: model_pb2.ModelSpec) -> int:
+    """The requested version (0 = latest). We keep no version labels, so a label is refused by name."""
+    if spec.WhichOneof("version_choice") == "version_label":
+        raise ModelNotFoundError(
+            f"model {quoted(model)} has no version label {quoted(spec.version_label)}: this server keeps no labels; "
+            "ask for a version number or leave it out for the latest"
+        )
+    if spec.HasField("version") and spec.version.value < 0:
+        raise InvalidInputError(
+            f"model {quoted(model)} version must be >= 1 (or absent: latest), got {spec.version.value}"
+        )
+    return spec.version.value if spec.HasField("version") else 0
+
+
+def check_signature(model: str, spec: model_pb2.ModelSpec) -> None:
+    if spec.signature_name not in ("", SIGNATURE):
+        raise InvalidInputError(
+            f"model '{model}' has no signature {quoted(spec.signature_name)}; its signature is '{SIGNATURE}'"
+        )
+
+
+def decode_tensor(model: str, name: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
+    """One TensorProto as a numpy array of its own shape (the core checks it against the model's signature)."""
+    name = quoted(name)
+    if proto.dtype not in _DTYPES:
+        label = types_pb2.DataType.Name(proto.dtype) if proto.dtype in types_pb2.DataType.values() else proto.dtype
+        supported = ", ".join(types_pb2.DataType.Name(e) for e in _DTYPES)
+        raise InvalidInputError(f"model '{model}' input {name} has dtype {label}; supported dtypes: {supported}")
+    dtype, field = _DTYPES[proto.dtype]
+    if proto.tensor_shape.unknown_rank or any(d.size < 0 for d in proto.tensor_shape.dim):
+        raise InvalidInputError(f"model '{model}' input {name} needs a known shape with non-negative dimensions")
+    shape = tuple(d.size for d in proto.tensor_shape.dim)
+    count = int(np.prod(shape, dtype=np.int64))
+    if proto.tensor_content and dtype != np.dtype(object):
+        if len(proto.tensor_content) != count * dtype.itemsize:
+            raise InvalidInputError(
+                f"model '{model}' input {name} of shape {list(shape)} needs {count * dtype.itemsize} bytes of "
+                f"tensor_content ({count} x {dtype.itemsize}), got {len(proto.tensor_content)}"
+            )
+        return (
+            np.frombuffer(proto.tensor_content, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+        )
+    values = getattr(proto, field)
+    if len(values) not in (count, 1) or (len(values) == 1 and count == 0):
+        raise InvalidInputError(
+            f"model '{model}' input {name} of shape {list(shape)} needs {count} values in {field} "
+            f"(or one for all), got {len(values)}"
+        )
+    if dtype == np.dtype(object):
+        array = np.empty(len(values), dtype=object)
+        array[:] = list(values)
+    elif field == "half_val":
+        array = np.fromiter(values, dtype=np.uint16, count=len(values)).view(dtype)
+    else:
+        array = np.fromiter(values, dtype=np.int64 if field == "int_val" else dtype, count=len(values))
+        if field == "int_val":
+            info = np.iinfo(dtype)
+            if len(array) and (array.min() < info.min or array.max() > info.max):
+                raise InvalidInputError(
+                    f"model '{model}' input {name} of dtype {dtype.name} takes values from {info.min} to "
+                    f"{info.max}, got {array.min()} to {array.max()}"
+                )
+            array = array.astype(dtype)
+    return (np.broadcast_to(array, shape) if len(values) == 1 else array).reshape(shape)
+
+
+def decode_inputs(model: str, inputs: Mapping[str, tensor_pb2.TensorProto]) -> dict[str, np.ndarray]:
+    return {name: decode_tensor(model, name, proto) for name, proto in inputs.items()}
+
+
+def output_names(model: str, specs: Mapping[str, TensorSpec], output_filter: Sequence[str]) -> list[str]:
+    """The outputs to return: those in `output_filter` (each must exist), else all of them."""
+    for name in output_filter:
+        if name not in specs:
+            raise InvalidInputError(
+                f"model '{model}' output_filter names {quoted(name)}, which is not an output; "
+                f"outputs: {', '.join(specs)}"
+            )
+    return list(dict.fromkeys(output_filter)) if output_filter else list(specs)
+
+
+def _shape(dims: Iterable[int]) -> tensor_shape_pb2.TensorShapeProto:
+    return tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims])
+
+
+def encode_tensor(array: np.ndarray) -> tensor_pb2.TensorProto:
+    proto = tensor_pb2.TensorProto(dtype=dtype_enum(array.dtype), tensor_shape=_shape(array.shape))
+    if array.dtype == np.dtype(object):
+        proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode() for v in array.ravel())
+    else:
+        proto.tensor_content = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+    return proto
+
+
+def model_spec(name: str, version: int) -> model_pb2.ModelSpec:
+    spec = model_pb2.ModelSpec(name=name, signature_name=SIGNATURE)
+    spec.version.value = version
+    return spec
+
+
+def predict_response(
+    name: str, version: int, outputs: Mapping[str, np.ndarray], names: Iterable[str]
+) -> predict_pb2.PredictResponse:
+    return predict_pb2.PredictResponse(
+        model_spec=model_spec(name, version), outputs={n: encode_tensor(outputs[n]) for n in names}
+    )
+
+
+def _tensor_info(spec: TensorSpec) -> meta_graph_pb2.TensorInfo:
+    return meta_graph_pb2.TensorInfo(
+        name=spec.name,
+        dtype=dtype_enum(spec.dtype),
+        tensor_shape=_shape([-1, *(-1 if d is None else d for d in spec.shape)]),
+    )
+
+
+def metadata_response(
+    name: str, version: int, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    """GetModelMetadata's one field, `signature_def`: the serving signature, rows first as -1."""
+    signature = meta_graph_pb2.SignatureDef(
+        inputs={s.name: _tensor_info(s) for s in inputs},
+        outputs={s.name: _tensor_info(s) for s in outputs},
+        method_name=METHOD_NAME,
+    )
+    response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=model_spec(name, version))
+    signatures = get_model_metadata_pb2.SignatureDefMap(signature_def={SIGNATURE: signature})
+    response.metadata["signature_def"].Pack(signatures)
+    return response
