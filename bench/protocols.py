@@ -5,8 +5,8 @@ Loads (closed loop, `python -m clients loadtest --protocol ...` in its own proce
 warm-up run): 1-row multi_input at concurrency 1 and 64 through typed / oip / oip-stream, and 32-row
 residual_cnn requests at concurrency 16 through typed / oip. Every load is run against each protocol in turn,
 several rounds, and each one's median (by throughput) is kept, so drift on this shared machine hits all of
-them alike. Also measured: the server's CPU time per request (from /proc) and, in-process, what decoding one
-32-row image request costs as packed floats (typed) and as raw bytes (OIP).
+them alike. Also measured: the server's and the load client's CPU time per request (/proc, getrusage) and,
+in-process, what decoding one 32-row image request costs as packed floats (typed) and as raw bytes (OIP).
 
 Usage: python bench/protocols.py [--duration S] [--rounds N] [--out FILE]
 """
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -81,15 +82,20 @@ def load(server: ServerProcess, model: str, protocol: str, concurrency: int, row
 
     client(0.5)
     cpu, (rows_before, batches_before) = cpu_seconds(server.process.pid), batches(server, model)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = client(duration)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     rows_after, batches_after = batches(server, model)
-    served = result["ok"] + sum(result["errors"].values())
-    result["server_cpu_ms_per_request"] = 1000 * (cpu_seconds(server.process.pid) - cpu) / max(served, 1)
+    served = max(result["ok"] + sum(result["errors"].values()), 1)
+    result["server_cpu_ms_per_request"] = 1000 * (cpu_seconds(server.process.pid) - cpu) / served
+    # The client's whole process (start-up included): what the load generator takes from the shared cores.
+    client_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    result["client_cpu_ms_per_request"] = 1000 * client_cpu / served
     result["mean_rows_per_batch"] = (rows_after - rows_before) / max(batches_after - batches_before, 1)
     log(
         f"  {model} {protocol} c={concurrency} rows={rows}: {result['throughput_rps']:.0f} req/s, "
         f"p50 {result['latency_ms']['p50']:.2f} ms, server CPU {result['server_cpu_ms_per_request']:.3f} ms/req, "
-        f"errors {result['errors']}"
+        f"client CPU {result['client_cpu_ms_per_request']:.3f} ms/req, errors {result['errors']}"
     )
     return result
 
@@ -166,15 +172,17 @@ def ratios(loads: dict) -> dict:
 
 def table(loads: dict) -> str:
     lines = [
-        "| load | protocol | req/s | rows/s | p50 ms | p99 ms | server CPU ms/req | rows/batch | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| load | protocol | req/s | rows/s | p50 ms | p99 ms | server CPU ms/req | client CPU ms/req | rows/batch "
+        "| errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, by_protocol in loads.items():
         for protocol, x in by_protocol.items():
             lat = x["latency_ms"]
             lines.append(
                 f"| {name} | {protocol} | {x['throughput_rps']:.0f} | {x['rows_per_s']:.0f} | {lat['p50']:.2f} | "
-                f"{lat['p99']:.2f} | {x['server_cpu_ms_per_request']:.3f} | {x['mean_rows_per_batch']:.1f} | "
+                f"{lat['p99']:.2f} | {x['server_cpu_ms_per_request']:.3f} | {x['client_cpu_ms_per_request']:.3f} | "
+                f"{x['mean_rows_per_batch']:.1f} | "
                 f"{sum(x['errors'].values())} |"
             )
     return "\n".join(lines)
