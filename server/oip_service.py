@@ -27,7 +27,7 @@ from server.status import to_status
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 # Requests of one stream being answered at once; the stream's reader waits beyond that (back-pressure).
 MAX_STREAM_IN_FLIGHT = 1024
-_END = object()
+DRAIN_POLL_SECONDS = 0.05
 
 
 def _server_version() -> str:
@@ -137,7 +137,12 @@ class OipService:
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest | MalformedRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Many requests over one call: each is answered when it completes, so they batch with each other."""
+        """Many requests over one call: each is answered when it completes, so they batch with each other.
+
+        The stream ends when the client is done sending and every answer is out. When the server drains, it
+        stops reading, answers what it has read, and ends the stream with UNAVAILABLE (retry elsewhere) rather
+        than leaving it for the listener's close to cancel.
+        """
         deadline = deadline_of(context)
         answers: asyncio.Queue[Any] = asyncio.Queue()
         slots = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)
@@ -150,25 +155,47 @@ class OipService:
                 slots.release()
 
         async def read() -> None:
-            try:
-                async for request in requests:
-                    await slots.acquire()
-                    task = asyncio.create_task(answer(request))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                await asyncio.gather(*pending)
-            finally:
-                answers.put_nowait(_END)
+            async for request in requests:
+                await slots.acquire()
+                task = asyncio.create_task(answer(request))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
 
-        reader = asyncio.create_task(read())
+        async def read_then_finish() -> bool:
+            """Read until the client is done or the server drains; wait for the answers; True when draining."""
+            reading, draining = asyncio.create_task(read()), asyncio.create_task(self._draining())
+            try:
+                await asyncio.wait({reading, draining}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                reading.cancel()
+                draining.cancel()
+            await asyncio.wait({reading, draining})  # a cancelled task is done only once it has run its cancellation
+            await asyncio.gather(*pending, return_exceptions=True)
+            if reading.cancelled():
+                return True
+            reading.result()  # a broken stream (not merely ended) raises here, and gRPC ends the call with it
+            return False
+
+        finishing = asyncio.create_task(read_then_finish())
+        finishing.add_done_callback(answers.put_nowait)  # the task itself is the last item
         try:
-            while (item := await answers.get()) is not _END:
+            while not isinstance(item := await answers.get(), asyncio.Task):
                 yield item
-            reader.result()  # the stream broke (not merely ended): let gRPC end the call with its status
+            if item.result():
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the server is shutting down: every request read from this stream was answered; "
+                    "send the others on a new stream (elsewhere)",
+                )
         finally:
-            reader.cancel()
+            finishing.cancel()
             for task in list(pending):
                 task.cancel()
+
+    async def _draining(self) -> None:
+        """Returns once the server stops taking new requests (polled: streams are few, and 50 ms is early enough)."""
+        while self._core.phase in (Phase.STARTING, Phase.SERVING):
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
 
     async def _stream_one(
         self, request: pb.ModelInferRequest | MalformedRequest, deadline: float | None

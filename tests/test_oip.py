@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import signal
 
 import grpc
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
+
+from tests.serverproc import ServerProcess
 
 RNG = np.random.default_rng(7)
 
@@ -188,3 +191,29 @@ def test_loadtest_speaks_the_oip_unary_and_streaming(server, protocol):
     )
     result = asyncio.run(run_loadtest(config))
     assert (result.ok, result.errors, result.protocol) == (24, {}, protocol)
+
+
+def test_a_stream_ends_unavailable_when_the_server_drains(server, model_repository):
+    """An open stream is answered for what was read, then ended with UNAVAILABLE (retry elsewhere), not
+    cancelled by the closing listener; the server still exits 0."""
+    process = ServerProcess(model_repository, ["--grace-period", "10"])
+    requests: queue.Queue = queue.Queue()
+    try:
+        process.wait_serving()
+        request = service_pb2.ModelInferRequest(model_name="multi_input", id="first")
+        for name, array in _multi_input_rows(1).items():
+            request.inputs.add(name=name, datatype="FP32", shape=array.shape)
+            request.raw_input_contents.append(array.tobytes())
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(process.channel)
+        responses = stub.ModelStreamInfer(iter(requests.get, None), timeout=60)
+        requests.put(request)
+        first = next(responses)
+        assert first.infer_response.id == "first" and not first.error_message
+        process.process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as caught:
+            next(responses)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in caught.value.details()
+        assert process.process.wait(60) == 0
+    finally:
+        requests.put(None)
+        process.kill()
