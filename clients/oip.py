@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
+from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, serialize_byte_tensor, triton_to_np_dtype
 
 
 class InputError(ValueError):
@@ -52,21 +52,11 @@ def build_request(model: str, arrays: Mapping[str, np.ndarray], version: str = "
         if array.dtype == np.dtype(object):
             datatype, raw = "BYTES", serialize_byte_tensor(array).item()
         else:
-            datatype, raw = _DATATYPES[array.dtype], np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
-            raw = raw.tobytes()
+            little_endian = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
+            datatype, raw = np_to_triton_dtype(array.dtype), little_endian.tobytes()
         request.inputs.add(name=name, datatype=datatype, shape=array.shape)
         request.raw_input_contents.append(raw)
     return request
-
-
-_DATATYPES = {
-    np.dtype(t): n
-    for n, t in [
-        ("BOOL", np.bool_), ("UINT8", np.uint8), ("UINT16", np.uint16), ("UINT32", np.uint32), ("UINT64", np.uint64),
-        ("INT8", np.int8), ("INT16", np.int16), ("INT32", np.int32), ("INT64", np.int64),
-        ("FP16", np.float16), ("FP32", np.float32), ("FP64", np.float64),
-    ]
-}  # fmt: skip
 
 
 def decode_response(response: Any) -> dict[str, np.ndarray]:
