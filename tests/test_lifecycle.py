@@ -76,8 +76,8 @@ def test_unavailable_while_loading_then_drain_on_sigterm(tmp_path, keras_models)
                 try:
                     client.predict("multi_input", small)
                 except grpc.RpcError as refused:
-                    assert refused.code() == grpc.StatusCode.UNAVAILABLE
-                    assert "shutting down" in refused.details()
+                    # Our "shutting down" answer, or, if the drain already ended, the closed listener's GOAWAY.
+                    assert refused.code() == grpc.StatusCode.UNAVAILABLE, refused
                     break
                 assert time.monotonic() < deadline, "new calls were never refused"
 

@@ -120,7 +120,10 @@ def test_overload_is_refused_with_resource_exhausted_and_the_server_recovers(mod
             "modelserver_requests_total", model="multi_input", method="PredictMultiInput", code="RESOURCE_EXHAUSTED"
         )
         client_refused = crowd.get("RESOURCE_EXHAUSTED", 0) + open_loop.errors.get("RESOURCE_EXHAUSTED", 0)
-        assert refused - refused_before == client_refused, "every refusal is counted by the server"
+        client_expired = crowd.get("DEADLINE_EXCEEDED", 0) + open_loop.errors.get("DEADLINE_EXCEEDED", 0)
+        # Every refusal the clients saw is counted; a refusal can also race a client's own deadline, which the
+        # client then reports instead.
+        assert client_refused <= refused - refused_before <= client_refused + client_expired
         assert server.metric("modelserver_rejected_requests_total", model="multi_input", reason="overloaded") > 0
         with grpc.insecure_channel(server.target) as channel:
             response = channel.unary_unary(
