@@ -187,8 +187,9 @@ def test_eager_policy_runs_at_once_and_batches_what_queues_while_the_model_is_bu
         batcher = make_batcher(executor, max_batch_size=64, batch_timeout=1000, policy="eager", max_batches_in_flight=1)
         await batcher.run(runtime, rows_of(1, seed=0), 1)  # idle model: runs at once
         runtime.gate.clear()
+        runtime.started.clear()
         first = asyncio.create_task(batcher.run(runtime, rows_of(2, seed=1), 2))
-        await asyncio.to_thread(runtime.started.wait, 10)
+        assert await asyncio.to_thread(runtime.started.wait, 10)
         queued = [asyncio.create_task(batcher.run(runtime, rows_of(1, seed=i), 1)) for i in range(5)]
         await settle()
         assert runtime.calls == [1, 2], "a request ran while the only batch slot was taken"
