@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import grpc
 import numpy as np
@@ -13,6 +14,8 @@ from clients.client import AsyncModelServerClient, ModelServerClient
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 from tests.test_models import random_inputs
+
+WARMED_UP = re.compile(r"warmed up (\S+) at batch sizes ([\d, ]+)$")
 
 
 def keras_outputs(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -157,6 +160,22 @@ def test_health_went_from_not_serving_to_serving(server):
     with pytest.raises(grpc.RpcError) as caught:
         server.health("no_such_service")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_every_model_was_warmed_at_every_allowed_batch_size_before_serving(server, client):
+    """A shape first seen by a request costs that request the graph's tracing: warm-up must cover every size the
+    batcher pads to (GetModelMetadata's allowed_batch_sizes), and finish before the server says SERVING."""
+    lines = server.log_text().splitlines()
+    serving = [i for i, line in enumerate(lines) if re.search(r": SERVING \S", line)]
+    assert len(serving) == 1, "no single SERVING log line"
+    warmed: dict[str, list[int]] = {}
+    for line in lines[: serving[0]]:
+        match = WARMED_UP.search(line)
+        if match:
+            warmed[match.group(1)] = [int(size) for size in match.group(2).split(", ")]
+    names = [m.name for m in client.list_models().models]
+    assert names == ["multi_input", "residual_cnn", "shared_layer"]
+    assert warmed == {name: list(client.metadata(name).batching.allowed_batch_sizes) for name in names}
 
 
 def test_reflection_lists_services(server):
