@@ -443,3 +443,31 @@ def test_warm_up_runs_and_logs_every_allowed_batch_size(executor, real_runtime, 
         make_batcher(executor, **settings).warm_up(recorder)
     assert recorder.warmed == sizes
     assert f"warmed up {MODEL} at batch sizes {', '.join(map(str, sizes))}" in caplog.messages
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server gap: with batching off (Batcher._run_alone), a request cancelled while it waits for a thread is "
+    "dropped without being counted under modelserver_rejected_requests_total{reason='cancelled'}",
+)
+def test_an_unbatched_request_cancelled_while_waiting_for_a_thread_is_counted(runtime):
+    cancelled = sample("modelserver_rejected_requests_total", reason="cancelled")
+
+    async def scenario(one_thread):
+        busy = make_batcher(one_thread, enabled=False)
+        runtime.gate.clear()
+        try:
+            holder = asyncio.create_task(busy.run(runtime, rows_of(1, seed=0), 1))
+            assert await asyncio.to_thread(runtime.started.wait, 10)
+            waiting = asyncio.create_task(busy.run(runtime, rows_of(2, seed=1), 2))
+            await settle()
+            waiting.cancel()
+            await settle()
+        finally:
+            runtime.gate.set()
+        await asyncio.wait_for(holder, 30)
+
+    with ThreadPoolExecutor(1) as one_thread:
+        asyncio.run(scenario(one_thread))
+    assert runtime.calls == [1]  # the cancelled request never reached the model
+    assert sample("modelserver_rejected_requests_total", reason="cancelled") - cancelled == 1
