@@ -203,19 +203,27 @@ def test_eager_policy_runs_at_once_and_batches_what_queues_while_the_model_is_bu
 
 
 def test_full_queue_sheds_load_at_once_and_the_rest_still_succeed(executor, runtime):
+    """Fails fast when the bound breaks: a request that queues instead of being refused is seen as not done after
+    settle(), and the gate always opens again, so nothing waits for the suite's timeout."""
     rejected = sample("modelserver_rejected_requests_total", reason="queue_full")
 
     async def scenario():
         batcher = make_batcher(executor, max_batch_size=4, max_queued_rows=8, max_batches_in_flight=1)
         runtime.gate.clear()
-        running = asyncio.create_task(batcher.run(runtime, rows_of(4, seed=0), 4))
-        await asyncio.to_thread(runtime.started.wait, 10)
-        queued = [asyncio.create_task(batcher.run(runtime, rows_of(4, seed=i), 4)) for i in (1, 2)]
-        await settle()
-        with pytest.raises(OverloadedError, match=r"queue is full \(8 of 8 rows queued\)"):
-            await batcher.run(runtime, rows_of(1, seed=3), 1)
-        runtime.gate.set()
-        return await asyncio.gather(running, *queued)
+        try:
+            running = asyncio.create_task(batcher.run(runtime, rows_of(4, seed=0), 4))
+            assert await asyncio.to_thread(runtime.started.wait, 10), "the first batch never reached the model"
+            queued = [asyncio.create_task(batcher.run(runtime, rows_of(4, seed=i), 4)) for i in (1, 2)]
+            await settle()
+            assert not any(task.done() for task in queued), "8 rows fit the queue: they must wait, not fail"
+            extra = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=3), 1))
+            await settle()
+            assert extra.done(), "a request beyond max_queued_rows was queued instead of refused at once"
+            with pytest.raises(OverloadedError, match=r"queue is full \(8 of 8 rows queued\)"):
+                extra.result()
+        finally:
+            runtime.gate.set()
+        return await asyncio.wait_for(asyncio.gather(running, *queued), 30)
 
     assert [r["output"].shape for r in asyncio.run(scenario())] == [(4, 1)] * 3
     assert runtime.calls == [4, 4, 4]
@@ -428,3 +436,59 @@ def test_a_lone_request_that_expires_waiting_for_a_thread_never_reaches_the_mode
         asyncio.run(scenario(one_thread))
     assert runtime.calls == [1]
     assert sample("modelserver_rejected_requests_total", reason="deadline") - expired == 1
+
+
+class WarmUpRecorder:
+    """Only what Batcher.warm_up reads: a name, the input specs, and warm_up(rows), recorded."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self.name, self.inputs = MODEL, runtime.inputs
+        self.warmed: list[int] = []
+
+    def warm_up(self, rows: int) -> None:
+        self.warmed.append(rows)
+
+
+@pytest.mark.parametrize(
+    ("settings", "sizes"),
+    [
+        ({"max_batch_size": 64}, [1, 2, 4, 8, 16, 32, 64]),
+        ({"max_batch_size": 32, "allowed_batch_sizes": (1, 8, 32)}, [1, 8, 32]),
+        ({"enabled": False}, [1]),  # unbatched: every request is its own shape; only one warm-up call
+    ],
+)
+def test_warm_up_runs_and_logs_every_allowed_batch_size(executor, real_runtime, caplog, settings, sizes):
+    """The log line the server test reads (test_api) says exactly which sizes were run."""
+    recorder = WarmUpRecorder(real_runtime)
+    with caplog.at_level("INFO", logger="server.batching"):
+        make_batcher(executor, **settings).warm_up(recorder)
+    assert recorder.warmed == sizes
+    assert f"warmed up {MODEL} at batch sizes {', '.join(map(str, sizes))}" in caplog.messages
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server gap: with batching off (Batcher._run_alone), a request cancelled while it waits for a thread is "
+    "dropped without being counted under modelserver_rejected_requests_total{reason='cancelled'}",
+)
+def test_an_unbatched_request_cancelled_while_waiting_for_a_thread_is_counted(runtime):
+    cancelled = sample("modelserver_rejected_requests_total", reason="cancelled")
+
+    async def scenario(one_thread):
+        busy = make_batcher(one_thread, enabled=False)
+        runtime.gate.clear()
+        try:
+            holder = asyncio.create_task(busy.run(runtime, rows_of(1, seed=0), 1))
+            assert await asyncio.to_thread(runtime.started.wait, 10)
+            waiting = asyncio.create_task(busy.run(runtime, rows_of(2, seed=1), 2))
+            await settle()
+            waiting.cancel()
+            await settle()
+        finally:
+            runtime.gate.set()
+        await asyncio.wait_for(holder, 30)
+
+    with ThreadPoolExecutor(1) as one_thread:
+        asyncio.run(scenario(one_thread))
+    assert runtime.calls == [1]  # the cancelled request never reached the model
+    assert sample("modelserver_rejected_requests_total", reason="cancelled") - cancelled == 1

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
+
 import numpy as np
 import pytest
 
@@ -126,3 +130,61 @@ def test_discover_skips_half_written_and_takes_user_models(tmp_path, keras_model
         "multi_input": [3],
         "my_model": [2],
     }
+
+
+def test_a_flipped_byte_of_the_same_size_is_damage(tmp_path):
+    """is_intact must compare hashes, not only names and sizes: bit rot keeps a file's size."""
+    definition = BUILTIN_MODELS["multi_input"]
+    assert repository.ensure_exported(tmp_path, "multi_input", 1, definition.build, 1234)
+    version_dir = tmp_path / "multi_input" / "1"
+    variables = next((version_dir / "variables").glob("*.data*"))
+    data = bytearray(variables.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    variables.write_bytes(bytes(data))
+    assert variables.stat().st_size == len(data)  # same size: only the hash can tell
+
+    assert not repository.is_intact(version_dir)
+    assert repository.ensure_exported(tmp_path, "multi_input", 1, definition.build, 1234)
+    assert repository.is_intact(version_dir)
+    aside = [p for p in (tmp_path / "multi_input").iterdir() if p.name.startswith(".damaged-1-")]
+    assert len(aside) == 1
+    assert (aside[0] / "variables" / variables.name).read_bytes() == bytes(data)  # the damaged copy, kept as it was
+
+
+def test_stale_staging_folders_are_removed_and_recent_ones_kept(tmp_path):
+    """A recent .tmp-* folder may be another replica's export in progress; only old ones are crash leftovers."""
+    stale, recent = tmp_path / ".tmp-1-stale", tmp_path / ".tmp-1-recent"
+    for folder in (stale, recent):
+        folder.mkdir()
+        (folder / "saved_model.pb").write_bytes(b"partial")
+    (tmp_path / "1").mkdir()  # a version folder, never touched
+    aged = time.time() - repository.STALE_STAGING_SECONDS - 60
+    os.utime(stale, (aged, aged))
+
+    assert repository.remove_stale_staging(tmp_path) == [stale]
+    assert not stale.exists()
+    assert recent.is_dir() and (recent / "saved_model.pb").is_file()
+    assert (tmp_path / "1").is_dir()
+
+
+def test_a_version_exported_with_another_seed_is_moved_aside_and_exported_again(tmp_path, keras_models):
+    """--seed decides the weights: a repository left by a run with another seed must not be served as it is."""
+    definition = BUILTIN_MODELS["multi_input"]
+    version_dir = tmp_path / "multi_input" / "1"
+    assert repository.ensure_exported(tmp_path, "multi_input", 1, definition.build, 1234)
+    old_manifest = json.loads((version_dir / repository.MANIFEST).read_text())
+
+    assert repository.ensure_exported(tmp_path, "multi_input", 1, definition.build, 99)
+    manifest = json.loads((version_dir / repository.MANIFEST).read_text())
+    assert (old_manifest["seed"], manifest["seed"]) == (1234, 99)
+    aside = [p for p in (tmp_path / "multi_input").iterdir() if p.name.startswith(".seed-1234-1-")]
+    assert len(aside) == 1 and json.loads((aside[0] / repository.MANIFEST).read_text()) == old_manifest
+    assert repository.discover(tmp_path)["multi_input"][0].path == version_dir  # the copy aside is never loaded
+
+    # The served weights are seed 99's, not seed 1234's.
+    inputs = random_inputs(keras_models["multi_input"], 4, seed=5)
+    served = ModelRuntime("multi_input", 1, version_dir, "/device:CPU:0").predict(inputs)["output"]
+    np.testing.assert_allclose(served, np.asarray(definition.build(99)(inputs)), atol=1e-6)
+    assert not np.allclose(served, np.asarray(keras_models["multi_input"](inputs)), atol=1e-4)
+    # An intact copy with the requested seed is kept.
+    assert not repository.ensure_exported(tmp_path, "multi_input", 1, definition.build, 99)
