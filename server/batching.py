@@ -36,6 +36,8 @@ Policy = Literal["eager", "idle", "fixed"]
 # The "idle" policy's first wait (seconds) once an idle model finds requests arriving together; see
 # Batcher._adapt_window.
 MIN_WINDOW = 0.0002
+# A caller's cancellation this close to its deadline is the deadline: the client's clock started before ours.
+CANCEL_NEAR_DEADLINE = 0.05
 
 
 def default_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -230,14 +232,19 @@ class Batcher:
         """A lone request on an idle model is a batch by itself, run at once without queueing (no latency tax)."""
         padded = config.padded_size(rows)
         queue.metrics.queue_duration.observe(0.0)
-        call = asyncio.get_running_loop().run_in_executor(
-            self._executor, _execute, queue.runtime, queue.metrics, [inputs], padded, deadline, self._clock,
-            queue.observe_batch,
-        )  # fmt: skip
+        job = self._executor.submit(
+            _execute, queue.runtime, queue.metrics, [inputs], padded, deadline, self._clock, queue.observe_batch
+        )
+        call = asyncio.wrap_future(job)
         queue.running += 1
         # The model call is over only when the executor says so, even if this caller is cancelled first.
         call.add_done_callback(functools.partial(_end_run_now, queue))
-        outputs = await asyncio.shield(call)
+        try:
+            outputs = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            if job.cancel():  # True only while it waits for a thread: then it never reaches the model
+                self._count_dropped(queue, deadline)
+            raise
         queue.metrics.batch_size.observe(rows)
         queue.metrics.padding.inc(padded - rows)
         return outputs if padded == rows else {name: value[:rows] for name, value in outputs.items()}
@@ -264,13 +271,22 @@ class Batcher:
         queue.rows += rows
         queue.unbatched += 1
         queue.metrics.queue_rows.set(queue.rows)
+        job = self._executor.submit(call)
         try:
-            # Cancelling the await cancels the executor job too, as long as it has not started.
-            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            if job.cancel():  # True only while it waits for a thread: then it never reaches the model
+                self._count_dropped(queue, deadline)
+            raise
         finally:
             queue.rows -= rows
             queue.unbatched -= 1
             queue.metrics.queue_rows.set(queue.rows)
+
+    def _count_dropped(self, queue: _ModelQueue, deadline: float | None) -> None:
+        """A request its caller gave up on before it reached the model: by its deadline, or cancelled."""
+        expired = deadline is not None and self._clock() >= deadline - CANCEL_NEAR_DEADLINE
+        (queue.metrics.expired if expired else queue.metrics.cancelled).inc()
 
     def _queue(self, runtime: ModelRuntime) -> _ModelQueue:
         key = (runtime.name, runtime.version)
@@ -330,7 +346,7 @@ class Batcher:
             task = queue.tasks.popleft()
             queue.rows -= task.rows
             if task.future.done():  # cancelled by its caller, or by gRPC when its deadline passed
-                expired = task.deadline is not None and now >= task.deadline
+                expired = task.deadline is not None and now >= task.deadline - CANCEL_NEAR_DEADLINE
                 (queue.metrics.expired if expired else queue.metrics.cancelled).inc()
                 continue
             if task.deadline is not None and now >= task.deadline:

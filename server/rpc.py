@@ -19,6 +19,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from server.batching import CANCEL_NEAR_DEADLINE
 from server.errors import InvalidInputError
 from server.metrics import REQUEST_DURATION, REQUESTS
 from server.status import to_status
@@ -111,7 +112,8 @@ def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescr
 def final_code_of_cancelled(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """The code a cancelled handler's RPC ended with: DEADLINE_EXCEEDED when its deadline passed."""
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    # The client's clock started before ours: its own cancellation at its deadline reaches us a little early.
+    if remaining is not None and remaining <= CANCEL_NEAR_DEADLINE:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
 

@@ -466,11 +466,6 @@ def test_warm_up_runs_and_logs_every_allowed_batch_size(executor, real_runtime, 
     assert f"warmed up {MODEL} at batch sizes {', '.join(map(str, sizes))}" in caplog.messages
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server gap: with batching off (Batcher._run_alone), a request cancelled while it waits for a thread is "
-    "dropped without being counted under modelserver_rejected_requests_total{reason='cancelled'}",
-)
 def test_an_unbatched_request_cancelled_while_waiting_for_a_thread_is_counted(runtime):
     cancelled = sample("modelserver_rejected_requests_total", reason="cancelled")
 
@@ -491,4 +486,27 @@ def test_an_unbatched_request_cancelled_while_waiting_for_a_thread_is_counted(ru
     with ThreadPoolExecutor(1) as one_thread:
         asyncio.run(scenario(one_thread))
     assert runtime.calls == [1]  # the cancelled request never reached the model
+    assert sample("modelserver_rejected_requests_total", reason="cancelled") - cancelled == 1
+
+
+def test_a_lone_request_cancelled_while_waiting_for_a_thread_never_runs_and_is_counted(runtime):
+    cancelled = sample("modelserver_rejected_requests_total", reason="cancelled")
+    release = threading.Event()
+
+    async def scenario(one_thread):
+        batcher = make_batcher(one_thread, max_batch_size=8, batch_timeout=1000, policy="eager")
+        one_thread.submit(release.wait, 30)  # the only thread is busy elsewhere (another model's call)
+        try:
+            lone = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=0), 1))  # idle model: the fast path
+            await settle()
+            lone.cancel()
+            await settle()
+        finally:
+            release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await lone
+
+    with ThreadPoolExecutor(1) as one_thread:
+        asyncio.run(scenario(one_thread))
+    assert runtime.calls == []  # the cancelled request never reached the model
     assert sample("modelserver_rejected_requests_total", reason="cancelled") - cancelled == 1
