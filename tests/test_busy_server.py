@@ -227,8 +227,8 @@ def test_cancelled_and_expired_queued_requests_are_counted_with_their_codes(busy
     ended = wait_until(
         busy_server,
         lambda m: (
-            m.in_flight("multi_input") == 1
-            and m.calls("multi_input", method) - before.calls("multi_input", method) == 2
+            m.in_flight("multi_input") <= 1
+            and m.calls("multi_input", method) - before.calls("multi_input", method) >= 2
         ),
         "both calls to end",
     )
