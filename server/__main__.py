@@ -11,11 +11,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from server.app import serve  # noqa: E402
 from server.settings import configure_logging, parse_settings  # noqa: E402
+from server.workers import Supervisor, worker_count  # noqa: E402
 
 
 def main() -> int:
     settings = parse_settings()
     configure_logging(settings.log_level)
+    workers = worker_count(settings.workers)
+    if workers > 1:  # --workers: a supervisor and spawned server processes on one port (server/workers.py)
+        return Supervisor(settings, workers).run()
     return asyncio.run(serve(settings))
 
 
