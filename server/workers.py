@@ -122,6 +122,7 @@ class _Worker:
     conn: Connection
     state: str = "starting"  # then "listening", "serving", and "exited"
     pid: int = 0
+    signalled: bool = False
 
 
 def _describe(exitcode: int | None) -> str:
@@ -180,9 +181,10 @@ class Supervisor:
             self._kill_at, time.monotonic() + self.settings.shutdown_delay + self.settings.grace_period + KILL_MARGIN
         )
         for worker in self.workers:
-            if worker.state != "exited" and worker.process.pid is not None:
+            if worker.state != "exited" and not worker.signalled and worker.pid > 0:
+                worker.signalled = True
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.process.pid, signal.SIGTERM)
+                    os.kill(worker.pid, signal.SIGTERM)
 
     def _running(self) -> dict[int, int]:
         return {w.index: w.pid for w in self.workers if w.state != "exited"}
@@ -236,6 +238,8 @@ class Supervisor:
                 self._start_worker(index, port)
         announced: set[str] = set()
         while any(w.state != "exited" for w in self.workers):
+            if self.stop_requested:
+                self._stop()  # reaches a worker started while the signal arrived too
             if self.stop_requested and time.monotonic() > self._kill_at:
                 for worker in self.workers:
                     if worker.state != "exited":
