@@ -86,9 +86,11 @@ def measured(server: ServerProcess, idle_rate: float, concurrency: int, channels
     """One run; the server's CPU is read around the whole client process (start-up and warm-up included), and the
     server's idle CPU over the time outside the measured phase is subtracted."""
     pid = server.process.pid
+    spread_before = per_worker(server)
     cpu_before, wall_before = cpu_seconds(pid), time.monotonic()
     result = load(server.target, concurrency, channels, duration, warmup=1.0)
     cpu = cpu_seconds(pid) - cpu_before
+    spread = [after - before for after, before in zip(per_worker(server), spread_before, strict=True)]
     wall = time.monotonic() - wall_before
     idle = idle_rate * (wall - result["duration_s"] - result["warmup_s"])
     # The warm-up's share, at the measured phase's CPU rate: what remains is the measured phase's own CPU.
@@ -101,7 +103,14 @@ def measured(server: ServerProcess, idle_rate: float, concurrency: int, channels
         "server_cpu_s": busy,
         "server_cores_busy": busy / result["duration_s"],
         "requests_per_cpu_s": result["ok"] / busy if busy else None,
+        "requests_per_worker": spread,  # warm-up included; one worker: empty (no supervisor)
     }
+
+
+def per_worker(server: ServerProcess) -> list[float]:
+    """Requests answered so far by each worker (the supervisor's modelserver_worker_requests_total)."""
+    count = int(server.metric("modelserver_workers"))
+    return [server.metric("modelserver_worker_requests_total", worker=str(i)) for i in range(count)]
 
 
 def idle_cpu_per_s(server: ServerProcess, seconds: float = 3.0) -> float:
@@ -155,7 +164,7 @@ def _median(results: list[dict]) -> dict:
     median = {
         key: statistics.median(r[key] for r in results)
         for key in results[0]
-        if key != "errors" and all(r[key] is not None for r in results)
+        if key not in ("errors", "requests_per_worker") and all(r[key] is not None for r in results)
     }
     errors: dict[str, int] = {}
     for r in results:
