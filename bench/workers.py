@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from bench.run import log, machine  # noqa: E402
+from bench.run import batch_stats, log, machine  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -86,11 +86,13 @@ def measured(server: ServerProcess, idle_rate: float, concurrency: int, channels
     """One run; the server's CPU is read around the whole client process (start-up and warm-up included), and the
     server's idle CPU over the time outside the measured phase is subtracted."""
     pid = server.process.pid
-    spread_before = per_worker(server)
+    spread_before, batches_before = per_worker(server), batch_stats(server, "multi_input")
     cpu_before, wall_before = cpu_seconds(pid), time.monotonic()
     result = load(server.target, concurrency, channels, duration, warmup=1.0)
     cpu = cpu_seconds(pid) - cpu_before
     spread = [after - before for after, before in zip(per_worker(server), spread_before, strict=True)]
+    batches_after = batch_stats(server, "multi_input")
+    batches = batches_after[1] - batches_before[1]
     wall = time.monotonic() - wall_before
     idle = idle_rate * (wall - result["duration_s"] - result["warmup_s"])
     # The warm-up's share, at the measured phase's CPU rate: what remains is the measured phase's own CPU.
@@ -103,6 +105,7 @@ def measured(server: ServerProcess, idle_rate: float, concurrency: int, channels
         "server_cpu_s": busy,
         "server_cores_busy": busy / result["duration_s"],
         "requests_per_cpu_s": result["ok"] / busy if busy else None,
+        "rows_per_batch": (batches_after[0] - batches_before[0]) / batches if batches else None,  # warm-up included
         "requests_per_worker": spread,  # warm-up included; one worker: empty (no supervisor)
     }
 
