@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -123,7 +124,9 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
-def _grpc_server(settings: Settings, interceptors: list[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
+def _grpc_server(
+    settings: Settings, interceptors: list[grpc.aio.ServerInterceptor], reuse_port: bool = False
+) -> grpc.aio.Server:
     """The gRPC server with its limits set deliberately (SPEC §6): gRPC's own backlog of received calls is kept
     far above our admission limit (--max-concurrent-rpcs), so that overload is answered by us, with
     RESOURCE_EXHAUSTED, and not by gRPC cancelling calls from its backlog. grpc.aio's own
@@ -133,7 +136,8 @@ def _grpc_server(settings: Settings, interceptors: list[grpc.aio.ServerIntercept
         options=[
             ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
             ("grpc.max_send_message_length", settings.max_send_message_bytes),
-            ("grpc.so_reuseport", 0),  # a port already in use is an error, not a silent second listener
+            # Alone, a port already in use is an error, not a silent second listener; --workers share it on purpose.
+            ("grpc.so_reuseport", int(reuse_port)),
             ("grpc.server.max_pending_requests", settings.max_pending_rpcs),
             ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_rpcs),
         ],
@@ -191,8 +195,9 @@ async def _drain(
     await stopping
 
 
-async def serve(settings: Settings) -> int:
-    """Run the server until SIGTERM/SIGINT; returns the process exit code."""
+async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callable[[str], None] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the process exit code. As one of --workers (server/workers.py)
+    it shares the port (`reuse_port`) and tells its supervisor when it is "listening" and "serving" (`notify`)."""
     started = time.perf_counter()
     try:
         settings.model_repository.mkdir(parents=True, exist_ok=True)
@@ -215,7 +220,7 @@ async def serve(settings: Settings) -> int:
     if tokens:
         drain_service = MARK_METHOD.split("/")[1]
         interceptors.append(BearerTokenInterceptor(tokens, open_services=(health_service, drain_service)))
-    server = _grpc_server(settings, interceptors)
+    server = _grpc_server(settings, interceptors, reuse_port)
     add_service(server, ModelService(core), modelserver_pb2.DESCRIPTOR.services_by_name["ModelService"])
     add_service(server, oip_service.OipService(core), oip_service.SERVICE)
     add_service(server, tfserving_service.PredictionService(core), tfserving_service.PREDICTION_SERVICE)
@@ -258,6 +263,8 @@ async def serve(settings: Settings) -> int:
         "TLS" if settings.tls_enabled else "plaintext",
         ", bearer-token authentication" if tokens else "",
     )
+    if notify is not None:
+        notify("listening")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -275,6 +282,8 @@ async def serve(settings: Settings) -> int:
             stop.set()
         else:
             log.info("SERVING %s after %.2fs", ", ".join(core.model_names()), time.perf_counter() - started)
+            if notify is not None:
+                notify("serving")
     await stopping
     log.info("signal received: health NOT_SERVING, %d request(s) in flight", core.in_flight)
     loading.cancel()

@@ -1,6 +1,8 @@
 """Every Prometheus metric the server exports, declared once (SPEC §5).
 
-Served by prometheus_client's own HTTP server; the default registry brings the process collectors.
+Served by prometheus_client's own HTTP server; the default registry brings the process collectors. With
+--workers N each worker writes its values to prometheus_client's multiprocess files and the supervisor serves
+their sum (server/workers.py); `multiprocess_mode` says how each gauge combines across workers.
 """
 
 from __future__ import annotations
@@ -11,7 +13,15 @@ import time
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    make_wsgi_app,
+)
 
 # The *_created series double every sample for no use in dashboards or alerts.
 disable_created_metrics()
@@ -36,6 +46,7 @@ IN_FLIGHT = Gauge(
     "modelserver_inflight_requests",
     "Inference requests accepted and not yet answered, by model.",
     ["model"],
+    multiprocess_mode="livesum",
 )
 QUEUE_DURATION = Histogram(
     "modelserver_queue_duration_seconds",
@@ -64,6 +75,7 @@ QUEUE_ROWS = Gauge(
     "modelserver_queue_rows",
     "Rows waiting in the model's batch queue.",
     ["model"],
+    multiprocess_mode="livesum",
 )
 REJECTED = Counter(
     "modelserver_rejected_requests",
@@ -75,16 +87,19 @@ MODEL_READY = Gauge(
     "modelserver_model_ready",
     "1 when the model version is loaded, warmed up and served; 0 otherwise.",
     ["model", "version"],
+    multiprocess_mode="livemin",  # ready only when every running worker serves it
 )
 MODEL_LOAD_DURATION = Gauge(
     "modelserver_model_load_duration_seconds",
     "Seconds the last load of the model took: loading the SavedModel and warming up every batch size.",
     ["model"],
+    multiprocess_mode="max",  # the slowest worker
 )
 DEVICE_INFO = Gauge(
     "modelserver_device_info",
     "1 for the device models run on (GPU when present, CPU otherwise).",
     ["device"],
+    multiprocess_mode="max",
 )
 
 
@@ -141,7 +156,7 @@ def _only_metrics(app):  # type: ignore[no-untyped-def]
     return serve
 
 
-def serve_metrics(host: str, port: int) -> None:
+def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
     """Start the /metrics HTTP endpoint in a background thread."""
-    server = make_server(host, port, _only_metrics(make_wsgi_app()), _Server, handler_class=_QuietHandler)
+    server = make_server(host, port, _only_metrics(make_wsgi_app(registry)), _Server, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()

@@ -129,6 +129,12 @@ class Settings:
     )
     reflection: bool = _setting(True, "Serve gRPC server reflection (for grpcurl and similar tools).", _bool)
     seed: int = _setting(1234, "Seed for the built-in models' weights: the same seed gives the same weights.", int)
+    workers: int = _setting(
+        1,
+        "Server processes sharing the gRPC port (SO_REUSEPORT); 0 = one per CPU core this process may use. One "
+        "HTTP/2 connection stays on one worker (see README, Workers).",
+        int,
+    )
     inference_threads: int = _setting(2, "Threads that run model calls, off the event loop.", int)
     intra_op_threads: int = _setting(0, "TensorFlow intra-op threads per model call; 0 = TensorFlow's default.", int)
     inter_op_threads: int = _setting(0, "TensorFlow inter-op threads; 0 = TensorFlow's default.", int)
@@ -174,6 +180,8 @@ class Settings:
                 problems.append(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
         if self.max_concurrent_rpcs < 0:
             problems.append(f"max_concurrent_rpcs must be >= 0 (0 = no limit), got {self.max_concurrent_rpcs}")
+        if self.workers < 0:
+            problems.append(f"workers must be >= 0 (0 = one per CPU core), got {self.workers}")
         if self.max_pending_rpcs < 1:
             problems.append(f"max_pending_rpcs must be >= 1, got {self.max_pending_rpcs}")
         for name in ("max_receive_message_bytes", "max_send_message_bytes", "inference_threads"):

@@ -1,0 +1,87 @@
+"""The supervisor's /metrics with --workers N: one scrape shows the whole server.
+
+Each worker writes its metrics to prometheus_client's multiprocess files; MultiProcessCollector sums them
+(gauges as their `multiprocess_mode` says). The process collectors only see their own process, so the
+supervisor reports them summed over itself and every running worker, under the same names, and adds what only
+it knows: how many workers run and how many requests each one answered (one HTTP/2 connection stays on one
+worker, so an uneven spread shows here).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+# Family names (a counter's without _total) of the process collector's figures that add up across processes.
+SUMMED = ("process_virtual_memory_bytes", "process_resident_memory_bytes", "process_cpu_seconds", "process_open_fds")
+COUNTERS = ("process_cpu_seconds",)
+
+
+def _process_figures(pid: int) -> dict[str, float]:
+    """The process collector's values for one process; empty when it has gone."""
+    return {f.name: f.samples[0].value for f in ProcessCollector(pid=lambda: pid, registry=None).collect()}
+
+
+class ServerProcesses(Collector):
+    """Process figures summed over the supervisor and its running workers, and requests answered per worker.
+
+    `running` gives the pids of the running workers by worker index; `started` every pid a worker ever had."""
+
+    def __init__(self, path: Path, running: Callable[[], Mapping[int, int]], started: Callable[[], Mapping[int, int]]):
+        self._path = path
+        self._running = running
+        self._started = started
+
+    def collect(self) -> Iterable[Metric]:
+        running = dict(self._running())
+        figures = [_process_figures(pid) for pid in (os.getpid(), *running.values())]
+        for name in SUMMED:
+            family = CounterMetricFamily if name in COUNTERS else GaugeMetricFamily
+            help_text = f"{name.removeprefix('process_')} summed over the supervisor and its running workers."
+            yield family(name, help_text, value=sum(f.get(name, 0.0) for f in figures))
+        own = figures[0]
+        if "process_start_time_seconds" in own:
+            yield GaugeMetricFamily(
+                "process_start_time_seconds", "Start time of the supervisor since unix epoch in seconds.",
+                value=own["process_start_time_seconds"],
+            )  # fmt: skip
+        if "process_max_fds" in own:
+            yield GaugeMetricFamily("process_max_fds", "Maximum open file descriptors per process.",
+                                    value=own["process_max_fds"])  # fmt: skip
+        yield GaugeMetricFamily("modelserver_workers", "Worker processes running.", value=len(running))
+        per_worker = CounterMetricFamily(
+            "modelserver_worker_requests",
+            "RPCs answered by each worker (modelserver_requests_total of that worker alone).",
+            labels=["worker"],
+        )
+        for index, pid in sorted(self._started().items()):
+            per_worker.add_metric([str(index)], self._worker_requests(pid))
+        yield per_worker
+
+    def _worker_requests(self, pid: int) -> float:
+        counters = self._path / f"counter_{pid}.db"
+        if not counters.is_file():
+            return 0.0
+        return sum(
+            s.value
+            for metric in MultiProcessCollector.merge([str(counters)])
+            if metric.name == "modelserver_requests"
+            for s in metric.samples
+            if s.name == "modelserver_requests_total"
+        )
+
+
+def supervisor_registry(
+    path: Path, running: Callable[[], Mapping[int, int]], started: Callable[[], Mapping[int, int]]
+) -> CollectorRegistry:
+    """The registry the supervisor serves at /metrics."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(path))
+    registry.register(ServerProcesses(path, running, started))
+    return registry

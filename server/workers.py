@@ -1,0 +1,286 @@
+"""--workers N: N server processes on one gRPC port, under a small supervisor (the parent process).
+
+Why: the server is CPU-bound on its one event loop (README, Benchmark), so more cores need more processes.
+How, as grpc's own multiprocessing example does: every worker binds the same port with SO_REUSEPORT and the
+kernel hands each new connection to one of them. Workers are *spawned* (a fresh interpreter), never forked:
+TensorFlow is not fork-safe (kserve/kserve#2393: forked workers hang with a Keras model). The supervisor never
+imports TensorFlow itself: a spawned helper exports the built-in models once, before any worker starts.
+
+Each worker is the ordinary server (server/app.py) with its own health service, batcher and drain; the
+supervisor serves the summed metrics (server/worker_metrics.py), forwards SIGTERM/SIGINT to every worker as
+SIGTERM and exits 0 once all have drained. A worker that dies ends the server: the others drain and the
+supervisor exits 1, so that the orchestrator restarts it whole (see README, Workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing import get_context
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from server.settings import Settings, configure_logging
+
+log = logging.getLogger(__name__)
+
+SPAWN = get_context("spawn")
+# Seconds past --shutdown-delay + --grace-period after which a worker still running is killed.
+KILL_MARGIN = 10.0
+POLL_SECONDS = 0.5
+
+
+def worker_count(requested: int) -> int:
+    """--workers as a number of processes: 0 means one per CPU core this process may run on."""
+    if requested:
+        return requested
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def reserve_port(host: str, port: int) -> Iterator[int]:
+    """Hold the workers' port: a socket bound with SO_REUSEPORT that never listens, so it takes no connections but
+    keeps the port ours while workers come and go. Port 0 picks a free port once, for every worker. A port that
+    another server already listens on is an error, as without workers, not a silent second listener."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    if port:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no obstacle
+            probe.bind(address)
+    reservation = socket.socket(family, kind, proto)
+    try:
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reservation.bind(address)
+        yield reservation.getsockname()[1]
+    finally:
+        reservation.close()
+
+
+def _export(settings: Settings) -> None:
+    """Spawned helper: export the built-in models missing from the repository, as a lone server would."""
+    configure_logging(settings.log_level)
+    from server.app import _prepare_repository
+
+    try:
+        _prepare_repository(settings)
+    except Exception as error:
+        log.error("cannot export the built-in models into %s: %s", settings.model_repository, error, exc_info=True)
+        sys.exit(1)
+
+
+def _worker(settings: Settings, index: int, conn: Connection) -> None:
+    """Spawned worker: the ordinary server on the shared port, reporting its state to the supervisor."""
+    os.setpgrp()  # signals come from the supervisor alone (a terminal's Ctrl-C reaches it, and it forwards SIGTERM)
+    configure_logging(settings.log_level)
+    formatter = logging.Formatter(f"%(asctime)s %(levelname)s [worker {index} pid %(process)d] %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
+
+    def orphaned() -> None:  # the supervisor died (even by SIGKILL): drain and exit rather than hold the port
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                conn.recv()
+        log.warning("supervisor gone; shutting down")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def notify(state: str) -> None:
+        with contextlib.suppress(OSError):
+            conn.send(state)
+
+    threading.Thread(target=orphaned, name="supervisor-watch", daemon=True).start()
+    from server.app import serve
+
+    code = asyncio.run(serve(settings, reuse_port=True, notify=notify))
+    # Drained and stopped: exit now. The interpreter's own teardown (TensorFlow's and gRPC's threads) took 5-10 s
+    # more and holds nothing worth waiting for; metrics live in files already, logs are flushed here.
+    logging.shutdown()
+    os._exit(code)
+
+
+@dataclasses.dataclass
+class _Worker:
+    index: int
+    process: BaseProcess
+    conn: Connection
+    state: str = "starting"  # then "listening", "serving", and "exited"
+    pid: int = 0
+    signalled: bool = False
+
+
+def _describe(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    return f"exited with code {exitcode}"
+
+
+class Supervisor:
+    """Starts `count` workers, reports the server's state from theirs, and stops them all on a signal or a death."""
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings = settings
+        self.count = count
+        self.workers: list[_Worker] = []
+        self.stop_requested = False
+        self.failed = False
+        self._kill_at = float("inf")
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT or a worker's death; returns the exit code (0: every worker drained)."""
+        started = time.perf_counter()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        try:
+            self.settings.model_repository.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            log.error("cannot start: %s", error)
+            return 1
+        if not self._export():
+            return 0 if self.stop_requested else 1
+        metrics_dir = Path(tempfile.mkdtemp(prefix="modelserver-metrics-"))
+        # Before any worker starts: prometheus_client picks multiprocess mode when it is first imported.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        try:
+            with reserve_port(self.settings.host, self.settings.grpc_port) as port:
+                if not self._serve_metrics(metrics_dir):
+                    return 1
+                return self._supervise(port, metrics_dir, started)
+        except OSError as error:
+            log.error("cannot listen on %s:%d: %s (is the port in use?)", self.settings.host, self.settings.grpc_port,
+                      error)  # fmt: skip
+            return 1
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if not self.stop_requested:
+            log.info("%s received: draining %d worker(s)", signal.Signals(signum).name, len(self._running()))
+        self._stop()
+
+    def _stop(self) -> None:
+        """Ask every worker to drain (SIGTERM: each runs the normal shutdown) and allow them the grace period."""
+        self.stop_requested = True
+        self._kill_at = min(
+            self._kill_at, time.monotonic() + self.settings.shutdown_delay + self.settings.grace_period + KILL_MARGIN
+        )
+        for worker in self.workers:
+            if worker.state != "exited" and not worker.signalled and worker.pid > 0:
+                worker.signalled = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGTERM)
+
+    def _running(self) -> dict[int, int]:
+        return {w.index: w.pid for w in self.workers if w.state != "exited"}
+
+    def _started(self) -> dict[int, int]:
+        return {w.index: w.pid for w in self.workers}
+
+    def _export(self) -> bool:
+        """Export the built-in models once, in a spawned helper (the supervisor stays free of TensorFlow)."""
+        helper = SPAWN.Process(target=_export, args=(self.settings,), name="modelserver-export")
+        helper.start()
+        while helper.exitcode is None:
+            helper.join(POLL_SECONDS)
+            if self.stop_requested and helper.exitcode is None:
+                helper.terminate()  # a half-written export stays in a staging folder that is never loaded
+                helper.join()
+        if helper.exitcode != 0 and not self.stop_requested:
+            log.error("startup failed: exporting the built-in models %s", _describe(helper.exitcode))
+        return helper.exitcode == 0 and not self.stop_requested
+
+    def _serve_metrics(self, metrics_dir: Path) -> bool:
+        if not self.settings.metrics_port:
+            return True
+        from server.metrics import serve_metrics
+        from server.worker_metrics import supervisor_registry
+
+        registry = supervisor_registry(metrics_dir, self._running, self._started)
+        try:
+            serve_metrics(self.settings.metrics_address, self.settings.metrics_port, registry)
+        except OSError as error:
+            log.error("cannot serve metrics on %s:%d: %s", self.settings.metrics_address, self.settings.metrics_port,
+                      error)  # fmt: skip
+            return False
+        log.info("metrics of all workers on http://%s:%d/metrics", self.settings.metrics_address,
+                 self.settings.metrics_port)  # fmt: skip
+        return True
+
+    def _start_worker(self, index: int, port: int) -> None:
+        settings = dataclasses.replace(self.settings, grpc_port=port, metrics_port=0, workers=1)
+        conn, child_conn = SPAWN.Pipe()
+        process = SPAWN.Process(target=_worker, args=(settings, index, child_conn), name=f"modelserver-worker-{index}")
+        process.start()
+        child_conn.close()
+        self.workers.append(_Worker(index, process, conn, pid=process.pid or 0))
+
+    def _supervise(self, port: int, metrics_dir: Path, started: float) -> int:
+        from prometheus_client.multiprocess import mark_process_dead
+
+        for index in range(self.count):
+            if not self.stop_requested:
+                self._start_worker(index, port)
+        announced: set[str] = set()
+        while any(w.state != "exited" for w in self.workers):
+            if self.stop_requested:
+                self._stop()  # reaches a worker started while the signal arrived too
+            if self.stop_requested and time.monotonic() > self._kill_at:
+                for worker in self.workers:
+                    if worker.state != "exited":
+                        log.error("worker %d (pid %d) still running after the grace period; killing it",
+                                  worker.index, worker.pid)  # fmt: skip
+                        worker.process.kill()
+                self.failed = True
+                self._kill_at = float("inf")
+            live = [w for w in self.workers if w.state != "exited"]
+            ready = wait([w.conn for w in live] + [w.process.sentinel for w in live], POLL_SECONDS)
+            for worker in live:
+                if worker.conn in ready:
+                    with contextlib.suppress(EOFError, OSError):  # EOF: it exited, and its sentinel says so too
+                        worker.state = worker.conn.recv()
+                if worker.process.sentinel in ready or not worker.process.is_alive():
+                    worker.process.join()
+                    worker.state = "exited"
+                    worker.conn.close()
+                    mark_process_dead(worker.pid, str(metrics_dir))
+                    self._on_exit(worker)
+            states = [w.state for w in self.workers]
+            if "listening" not in announced and all(s in ("listening", "serving") for s in states):
+                announced.add("listening")
+                log.info("gRPC listening on %s:%d (%s; %d workers)", self.settings.host, port,
+                         "TLS" if self.settings.tls_enabled else "plaintext", self.count)  # fmt: skip
+            if "serving" not in announced and all(s == "serving" for s in states) and not self.stop_requested:
+                announced.add("serving")
+                log.info("SERVING with %d workers (pids %s) after %.2fs", self.count,
+                         " ".join(str(w.pid) for w in self.workers), time.perf_counter() - started)  # fmt: skip
+        log.info("stopped")
+        return 1 if self.failed else 0
+
+    def _on_exit(self, worker: _Worker) -> None:
+        code = worker.process.exitcode
+        if self.stop_requested and code in (0, -signal.SIGTERM):
+            log.info("worker %d (pid %d) stopped", worker.index, worker.pid)
+            return
+        self.failed = True
+        if self.stop_requested:
+            log.error("worker %d (pid %d) %s while stopping", worker.index, worker.pid, _describe(code))
+            return
+        log.error("worker %d (pid %d) %s; draining the other workers and exiting with code 1, so that the "
+                  "orchestrator restarts the server", worker.index, worker.pid, _describe(code))  # fmt: skip
+        self._stop()

@@ -1,0 +1,213 @@
+"""--workers N (server/workers.py): several server processes on one port, as one server to its clients, its
+metrics scrape and its orchestrator. Every call is counted on the client side."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from modelserver.v1 import modelserver_pb2 as pb
+from server.settings import parse_settings
+from server.workers import reserve_port, worker_count
+from tests.serverproc import ServerProcess
+from tests.test_api import keras_outputs
+from tests.test_models import random_inputs
+
+CHANNELS = 16  # separate connections: the kernel spreads connections, not calls, over the workers
+CALLS_PER_CHANNEL = 20
+PREDICT = "/modelserver.v1.ModelService/PredictMultiInput"
+# Its own subchannel pool: channels with equal options would otherwise share one connection (one worker).
+SEPARATE = [("grpc.use_local_subchannel_pool", 1)]
+PIDS = re.compile(r"SERVING with (\d+) workers \(pids ([\d ]+)\)")
+
+
+def _start(repository, *args: str) -> ServerProcess:
+    """A server with two workers, once the supervisor says all are SERVING: health turns SERVING as soon as the
+    worker a probe reaches is ready, possibly before the other one (README, Workers)."""
+    process = ServerProcess(repository, ["--workers", "2", *args])
+    deadline = time.monotonic() + 180
+    while not PIDS.search(process.log_text()):
+        assert process.process.poll() is None, process.log_text()
+        assert time.monotonic() < deadline, process.log_text()
+        time.sleep(0.05)
+    process.wait_serving()
+    return process
+
+
+def _worker_pids(server: ServerProcess) -> list[int]:
+    match = PIDS.search(server.log_text())
+    assert match, server.log_text()
+    return [int(pid) for pid in match.group(2).split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_gone(pids: list[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"worker processes still running: {[p for p in pids if _alive(p)]}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def workers(server, model_repository) -> Iterator[ServerProcess]:
+    """Two workers on the repository the session's server exported (so nothing is exported again)."""
+    process = _start(model_repository, "--grace-period", "20")
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+def test_workers_setting_is_validated_and_zero_means_one_per_core():
+    assert parse_settings([], environ={}).workers == 1
+    assert parse_settings([], environ={"MODELSERVER_WORKERS": "3"}).workers == 3
+    with pytest.raises(SystemExit):
+        parse_settings(["--workers", "-1"], environ={})
+    assert worker_count(0) == len(os.sched_getaffinity(0)) and worker_count(3) == 3
+
+
+def test_the_port_is_reserved_for_the_workers_and_a_port_in_use_is_an_error():
+    with reserve_port("127.0.0.1", 0) as port:
+        assert port > 0
+        worker = socket.socket()  # a worker binds the same port with SO_REUSEPORT, as gRPC does
+        worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        worker.bind(("127.0.0.1", port))
+        worker.close()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        with pytest.raises(OSError), reserve_port("127.0.0.1", other.getsockname()[1]):
+            pass
+
+
+def test_every_worker_serves_correct_predictions_and_one_scrape_counts_them_all(workers, keras_models):
+    assert "SERVING with 2 workers" in workers.log_text()
+    assert workers.metric("modelserver_workers") == 2
+    model = keras_models["multi_input"]
+    channels = [grpc.insecure_channel(workers.target, options=SEPARATE) for _ in range(CHANNELS)]
+    try:
+        for channel in channels:  # every connection, whichever worker it landed on, is ready
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        sent = 0
+        for i, channel in enumerate(channels):
+            predict = channel.unary_unary(
+                PREDICT,
+                request_serializer=pb.PredictMultiInputRequest.SerializeToString,
+                response_deserializer=pb.PredictMultiInputResponse.FromString,
+            )
+            for j in range(CALLS_PER_CHANNEL):
+                inputs = random_inputs(model, 1 + j % 3, seed=i * 100 + j)
+                request = pb.PredictMultiInputRequest(
+                    input_a=inputs["input_a"].ravel().tolist(), input_b=inputs["input_b"].ravel().tolist()
+                )
+                response = predict(request, timeout=30)
+                sent += 1
+                expected = keras_outputs(model, inputs)["output"]
+                np.testing.assert_allclose(np.reshape(response.output, (-1, 1)), expected, atol=1e-5)
+    finally:
+        for channel in channels:
+            channel.close()
+    served = workers.metric("modelserver_requests_total", model="multi_input", method="PredictMultiInput", code="OK")
+    assert served == sent == CHANNELS * CALLS_PER_CHANNEL
+    per_worker = [workers.metric("modelserver_worker_requests_total", worker=str(i)) for i in range(2)]
+    assert sum(per_worker) == served, per_worker
+    assert min(per_worker) > 0, f"{CHANNELS} connections all landed on one worker: {per_worker}"
+    assert workers.metric("modelserver_model_ready", model="multi_input", version="1") == 1
+    assert workers.metric("modelserver_inflight_requests", model="multi_input") == 0
+    assert workers.metric("process_resident_memory_bytes") > 0 and workers.metric("process_cpu_seconds_total") > 0
+
+
+async def _drain_round(server: ServerProcess, callers: int = 64) -> collections.Counter[tuple[str, str]]:
+    """`callers` closed-loop callers over CHANNELS connections; SIGTERM after a second of load."""
+    outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+    request = pb.PredictMultiInputRequest(input_a=[0.25] * 10, input_b=[0.5] * 20)
+    signalled: float | None = None
+    channels = [grpc.aio.insecure_channel(server.target, options=SEPARATE) for _ in range(CHANNELS)]
+    predicts = [
+        c.unary_unary(
+            PREDICT,
+            request_serializer=pb.PredictMultiInputRequest.SerializeToString,
+            response_deserializer=pb.PredictMultiInputResponse.FromString,
+        )
+        for c in channels
+    ]
+
+    async def caller(predict) -> None:
+        while signalled is None or (server.process.poll() is None and time.monotonic() < signalled + 30):
+            when = "before" if signalled is None else "after"
+            try:
+                await predict(request, timeout=30)
+            except grpc.aio.AioRpcError as error:
+                outcomes[(when, error.code().name)] += 1
+                if server.process.poll() is not None:
+                    return
+            else:
+                outcomes[(when, "OK")] += 1
+
+    try:
+        tasks = [asyncio.create_task(caller(predicts[i % CHANNELS])) for i in range(callers)]
+        await asyncio.sleep(1.0)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    finally:
+        await asyncio.gather(*(c.close() for c in channels))
+    return outcomes
+
+
+def test_sigterm_under_load_drains_every_worker_and_exits_zero(workers):
+    pids = _worker_pids(workers)
+    outcomes = asyncio.run(_drain_round(workers))
+    assert workers.process.wait(60) == 0, workers.log_text()
+    assert {code for when, code in outcomes if when == "before"} == {"OK"}, outcomes
+    assert {code for when, code in outcomes if when == "after"} <= {"OK", "UNAVAILABLE"}, outcomes
+    assert outcomes[("before", "OK")] > 0, outcomes
+    log = workers.log_text()
+    for index, pid in enumerate(pids):
+        assert f"worker {index} (pid {pid}) stopped" in log
+        assert f"[worker {index} pid {pid}] server.app: shutting down: refusing new requests" in log
+    _wait_gone(pids)
+
+
+def test_a_killed_worker_drains_the_others_and_the_server_exits_one(model_repository, server):
+    process = _start(model_repository, "--grace-period", "20")
+    try:
+        victim, survivor = _worker_pids(process)
+        os.kill(victim, signal.SIGKILL)
+        assert process.process.wait(60) == 1, process.log_text()
+        log = process.log_text()
+        assert f"worker 0 (pid {victim}) was killed by SIGKILL" in log
+        assert f"[worker 1 pid {survivor}] server.app: stopped" in log
+        _wait_gone([victim, survivor])
+    finally:
+        process.kill()
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(model_repository, server):
+    """A supervisor killed outright (SIGKILL: no chance to forward anything) leaves no worker holding the port."""
+    process = _start(model_repository)
+    try:
+        pids = _worker_pids(process)
+        process.process.kill()
+        _wait_gone(pids)
+    finally:
+        process.kill()
