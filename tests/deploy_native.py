@@ -65,6 +65,9 @@ class PrometheusProcess:
 
     def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
         self.port = free_port()
+        for job in config["scrape_configs"]:
+            if job["job_name"] == "prometheus":  # it scrapes itself: on its own port here
+                job["static_configs"] = [{"targets": [f"127.0.0.1:{self.port}"]}]
         self.config_file = workdir / "prometheus.yml"
         self.config_file.write_text(yaml.safe_dump(config))
         self.log_file = workdir / "prometheus.log"
