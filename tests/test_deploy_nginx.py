@@ -1,0 +1,115 @@
+"""The replicated topology natively: a real nginx (Debian's) with deploy/nginx/nginx.conf adapted to loopback in
+front of two server processes that share a model repository exported once by the compose `model-export` step.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.closedloop import ClosedLoop
+from tests.deploy_native import NginxProcess, wait_until
+from tests.serverproc import REPO_ROOT, ServerProcess, free_port
+
+OK_CALLS = {"model": "multi_input", "method": "PredictMultiInput", "code": "OK"}
+
+
+class Replicas:
+    """Two servers on fixed gRPC ports (nginx's upstream names them), restartable one at a time."""
+
+    def __init__(self, repository: Path) -> None:
+        self.repository = repository
+        self.ports = [free_port(), free_port()]
+        self.servers = [self._start(port) for port in self.ports]
+
+    def _start(self, port: int) -> ServerProcess:
+        server = ServerProcess(self.repository, ["--grpc-port", str(port), "--grace-period", "10"])
+        server.wait_serving()
+        return server
+
+    def restart(self, index: int) -> int:
+        """SIGTERM the replica, wait for it to exit, start it again on its port; returns the old one's exit code."""
+        code = self.servers[index].stop()
+        self.servers[index] = self._start(self.ports[index])
+        return code
+
+    def ok_calls(self) -> list[float]:
+        return [server.metric("modelserver_requests_total", **OK_CALLS) for server in self.servers]
+
+    def kill(self) -> None:
+        for server in self.servers:
+            server.kill()
+
+
+@pytest.fixture(scope="module")
+def exported_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository written by deploy/docker/export_models.py, as compose's model-export step writes the volume."""
+    repository = tmp_path_factory.mktemp("shared_models")
+    command = [sys.executable, "deploy/docker/export_models.py", "--model-repository", str(repository)]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.count(": exported in") == 3, result.stdout + result.stderr
+    return repository
+
+
+@pytest.fixture(scope="module")
+def replicas(exported_repository: Path) -> Iterator[Replicas]:
+    group = Replicas(exported_repository)
+    try:
+        yield group
+    finally:
+        group.kill()
+
+
+@pytest.fixture(scope="module")
+def nginx(replicas: Replicas, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxProcess]:
+    process = NginxProcess(tmp_path_factory.mktemp("nginx"), [f"127.0.0.1:{port}" for port in replicas.ports])
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def test_replicas_load_the_exported_models_without_exporting(replicas: Replicas) -> None:
+    for server in replicas.servers:
+        assert "exported" not in server.log_text()
+
+
+def test_load_through_nginx_reaches_both_replicas(nginx: NginxProcess, replicas: Replicas, tmp_path: Path) -> None:
+    before = replicas.ok_calls()
+    summary = tmp_path / "loadtest.json"
+    command = [sys.executable, "-m", "clients", "--target", nginx.target, "loadtest", "multi_input"]
+    command += ["--concurrency", "8", "--requests", "400", "--no-progress", "--json", str(summary)]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    load = json.loads(summary.read_text())
+    assert (load["ok"], load["errors"]) == (400, {})
+    served = [after - b for after, b in zip(replicas.ok_calls(), before, strict=True)]
+    assert sum(served) == 400, served  # every call reached exactly one replica, none was retried
+    assert min(served) > 0, f"nginx sent every call to one replica: {served}"
+
+
+def test_rolling_restart_under_load_fails_no_request(nginx: NginxProcess, replicas: Replicas) -> None:
+    """SIGTERM one replica, start it again, wait for SERVING and for nginx to send it calls, then the other;
+    a closed loop of 8 callers runs through nginx the whole time and never retries."""
+    load = ClosedLoop(nginx.target, concurrency=8, max_seconds=240).start()
+    try:
+        wait_until(lambda: load.total >= 200, 60, "the load to run")
+        for index in range(2):
+            assert replicas.restart(index) == 0, replicas.servers[index].log_text()
+            # nginx sends calls to the restarted replica again (it took its port back) before the next one stops.
+            wait_until(
+                lambda i=index: replicas.servers[i].metric("modelserver_requests_total", **OK_CALLS) >= 50,
+                60,
+                f"calls to reach restarted replica {index}",
+            )
+    finally:
+        codes = load.stop()
+    assert codes["OK"] > 1000, dict(codes)
+    assert load.failures == [], f"{len(load.failures)} of {sum(codes.values())} calls failed: {dict(codes)}, e.g. " + (
+        "; ".join(sorted(set(load.failures))[:5])
+    )
