@@ -1,8 +1,8 @@
 """A closed-loop load that runs until told to stop, counting every call's final status code.
 
 The load-test tool runs for a duration or a count fixed up front; a rolling restart takes as long as it takes,
-so its test needs a load it can stop when the restart is over. Like the tool it never retries: every failure
-that reaches a client is counted.
+so its test needs a load it can stop when the restart is over. Like the tool it does not retry unless asked
+to: every failure that reaches a caller is counted.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 
 
 class ClosedLoop:
-    """`concurrency` threads, each sending its next multi_input call when the last one returned."""
+    """`concurrency` threads on one channel, each sending its next multi_input call when the last one returned."""
 
-    def __init__(self, target: str, concurrency: int = 8, max_seconds: float = 300, timeout: float = 10) -> None:
-        self._channel = grpc.insecure_channel(target, channel_options(0, DEFAULT_MAX_MESSAGE_BYTES))
+    def __init__(
+        self, target: str, concurrency: int = 8, max_seconds: float = 300, timeout: float = 10, retries: int = 0
+    ) -> None:
+        # retries > 0: the project's clients' policy (gRPC retries UNAVAILABLE with backoff); 0: no retry at all.
+        self._channel = grpc.insecure_channel(target, channel_options(retries, DEFAULT_MAX_MESSAGE_BYTES))
         self._call = getattr(pb_grpc.ModelServiceStub(self._channel), TYPED_MODELS["multi_input"].method)
         self._request = build_request("multi_input", 1)
         self._timeout = timeout

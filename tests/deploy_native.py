@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,9 @@ class PrometheusProcess:
 
 # --- nginx ------------------------------------------------------------------------------------------------------
 
+# The shipped log format: '... "POST /path HTTP/2.0" 200 13 grpc-status=0 ...' (trailer, or header when
+# the reply was trailers-only: nginx logs the pair, one side empty).
+ACCESS_LINE = re.compile(r'" (\d{3}) \d+ grpc-status=-?(\d*)-?')
 UPSTREAM_SERVER = re.compile(r"^(\s*)server\s+server:50051([^;]*);\s*$", re.MULTILINE)
 
 
@@ -183,6 +187,19 @@ class NginxProcess:
 
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def access_counts(self) -> Counter[tuple[str, str]]:
+        """(HTTP status nginx answered, gRPC status the replica answered) -> calls, from the access log."""
+        path = self.workdir / "access.log"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return Counter(ACCESS_LINE.search(line).groups() for line in lines)
+
+    def errors(self) -> list[str]:
+        """nginx's [error] lines, less the refused connections to a stopped replica (which it retries elsewhere)."""
+        lines = self.error_log().splitlines()
+        return [
+            line for line in lines if "[error]" in line and "connect() failed (111: Connection refused)" not in line
+        ]
 
     def error_log(self) -> str:
         path = self.workdir / "error.log"
