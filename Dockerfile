@@ -28,7 +28,8 @@ RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml
 
 # A user (numeric, so Kubernetes' runAsNonRoot can check it) without a login or home; it owns the model repository (a named volume mounted at /models
 # starts as a copy of this empty, app-owned folder, so the server can export into it).
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app \
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app \
     && mkdir /models \
     && chown app:app /models
 
