@@ -115,8 +115,9 @@ def test_rolling_restart_under_load(nginx: NginxProcess, replicas: Replicas) -> 
     """SIGTERM one replica, start it again, wait for SERVING and for nginx to send it calls, then the other, while
     two closed loops run through nginx: callers that never retry and callers with the project's retry policy.
 
-    nginx retries a call on the next replica only when no replica answered it (connection refused or reset: the
-    shipped `grpc_next_upstream error timeout non_idempotent`); a draining replica's own UNAVAILABLE answer is a
+    nginx retries a call on the next replica only when it could not hand it to one (connection refused, or lost
+    before the call went out: the shipped `grpc_next_upstream error timeout non_idempotent`); a draining
+    replica's own UNAVAILABLE answer is a
     gRPC response, which nginx passes on, and open-source nginx has no active health check to stop routing to a
     replica during its shutdown delay. So callers that never retry can see a few UNAVAILABLE (counted and
     printed); callers that retry UNAVAILABLE, as the project's clients do, must see no failure at all.
