@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -183,8 +184,6 @@ class NginxProcess:
     def _listening(self) -> bool:
         if self.process.poll() is not None:
             raise RuntimeError(f"nginx exited with {self.process.returncode}: {self.process.stderr.read()}")
-        import socket
-
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
