@@ -41,11 +41,23 @@ class Replicas:
         server.wait_serving()
         return server
 
-    def restart(self, index: int) -> int:
-        """SIGTERM the replica, wait for it to exit, start it again on its port; returns the old one's exit code."""
-        code = self.servers[index].stop()
+    def restart(self, index: int, kill: bool = False) -> int:
+        """SIGTERM (or SIGKILL) the replica, wait for it to exit, start it again on its port; returns the old
+        one's exit code."""
+        old = self.servers[index]
+        if kill:
+            old.kill()
+        code = old.process.returncode if kill else old.stop()
         self.servers[index] = self._start(self.ports[index])
         return code
+
+    def wait_for_calls(self, index: int) -> None:
+        """Until nginx sends calls to the (re)started replica again: it took its port back."""
+        wait_until(
+            lambda: self.servers[index].metric("modelserver_requests_total", **OK_CALLS) >= 50,
+            60,
+            f"calls to reach restarted replica {index}",
+        )
 
     def ok_calls(self) -> list[float]:
         return [server.metric("modelserver_requests_total", **OK_CALLS) for server in self.servers]
@@ -122,18 +134,14 @@ def test_rolling_restart_under_load(nginx: NginxProcess, replicas: Replicas) -> 
     replica during its shutdown delay. So callers that never retry can see a few UNAVAILABLE (counted and
     printed); callers that retry UNAVAILABLE, as the project's clients do, must see no failure at all.
     """
+    answered_before, errors_before = nginx.access_counts(), len(nginx.errors())
     plain = ClosedLoop(nginx.target, concurrency=6, max_seconds=240).start()
     retrying = ClosedLoop(nginx.target, concurrency=4, max_seconds=240, retries=3).start()
     try:
         wait_until(lambda: plain.total >= 200 and retrying.total >= 100, 60, "the loads to run")
         for index in range(2):
             assert replicas.restart(index) == 0, replicas.servers[index].log_text()
-            # nginx sends calls to the restarted replica again (it took its port back) before the next one stops.
-            wait_until(
-                lambda i=index: replicas.servers[i].metric("modelserver_requests_total", **OK_CALLS) >= 50,
-                60,
-                f"calls to reach restarted replica {index}",
-            )
+            replicas.wait_for_calls(index)  # before the next one stops
     finally:
         plain_codes, retrying_codes = plain.stop(), retrying.stop()
     print(f"rolling restart through nginx: no retry {dict(plain_codes)}; with retries {dict(retrying_codes)}")
@@ -143,7 +151,27 @@ def test_rolling_restart_under_load(nginx: NginxProcess, replicas: Replicas) -> 
     made_on_the_way = [f for f in plain.failures if any(marker in f for marker in TRANSPORT_FAILURES)]
     assert made_on_the_way == [], made_on_the_way[:5]
     # nginx answered nothing itself (a 502 would be its own UNAVAILABLE); every failure was a replica's answer.
-    answered = nginx.access_counts()
+    answered = nginx.access_counts() - answered_before
     assert {status for status, _ in answered} == {"200"}, answered
     assert sum(n for (_, grpc_status), n in answered.items() if grpc_status == "14") >= len(plain.failures), answered
-    assert nginx.errors() == [], nginx.errors()[:5]
+    assert nginx.errors()[errors_before:] == [], nginx.errors()[errors_before:][:5]
+
+
+def test_a_killed_replica_loses_only_the_calls_it_was_reading(nginx: NginxProcess, replicas: Replicas) -> None:
+    """SIGKILL one replica under load, then start it again. nginx streams gRPC request bodies, so it cannot resend
+    a call the replica had started reading: callers that never retry lose at most the calls they had in flight
+    there (one per caller), as nginx's own UNAVAILABLE; callers with the retry policy lose nothing."""
+    before = nginx.access_counts()
+    plain = ClosedLoop(nginx.target, concurrency=6, max_seconds=240).start()
+    retrying = ClosedLoop(nginx.target, concurrency=4, max_seconds=240, retries=3).start()
+    try:
+        wait_until(lambda: plain.total >= 200 and retrying.total >= 100, 60, "the loads to run")
+        assert replicas.restart(0, kill=True) == -9
+        replicas.wait_for_calls(0)
+    finally:
+        plain_codes, retrying_codes = plain.stop(), retrying.stop()
+    print(f"replica killed behind nginx: no retry {dict(plain_codes)}; with retries {dict(retrying_codes)}")
+    assert retrying.failures == [], f"retrying callers saw failures: {sorted(set(retrying.failures))[:5]}"
+    assert set(plain_codes) <= {"OK", "UNAVAILABLE"} and len(plain.failures) <= 6, dict(plain_codes)
+    nginx_answered = (nginx.access_counts() - before)[("204", "")]  # the shipped error_page: grpc-status 14
+    assert nginx_answered >= len(plain.failures), (nginx_answered, plain.failures)
