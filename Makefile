@@ -24,11 +24,16 @@ generate: $(STAMP)
 run: $(STAMP) $(GENERATED)
 	$(PY) -m server $(ARGS)
 
-test: $(STAMP) $(GENERATED)
+test: $(STAMP) $(GENERATED) deploy-tools
 	-@$(MAKE) --no-print-directory $(PERF_ANALYZER)  # best effort: without it tests/test_perf_analyzer.py skips
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Real Prometheus and nginx for the deployment tests, installed from Debian's packages when missing.
+.PHONY: deploy-tools
+deploy-tools:
+	@.ci/install-debian-tools
 
 lint: $(STAMP)
 	$(PY) -m ruff check --fix .
