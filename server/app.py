@@ -33,6 +33,9 @@ SERVICE_NAME = modelserver_pb2.DESCRIPTOR.services_by_name["ModelService"].full_
 SERVING = health_pb2.HealthCheckResponse.SERVING
 # Seconds without a new call before the listener closes, and seconds allowed for its GOAWAY to reach clients.
 QUIET_BEFORE_CLOSE = 0.05
+# Seconds at most of holding new calls before the listener closes anyway (callers that never stop sending, an
+# open loop, must not use up the grace period, whose end would cancel the held calls).
+MAX_HOLD = 2.0
 # Seconds after the signal during which calls still reach the server as accepted work: those the clients had
 # sent before it may still be in their socket buffers or ours.
 IN_TRANSIT = 0.25
@@ -187,7 +190,8 @@ async def _drain(
     # GOAWAY has reached their clients.
     core.begin_closing()
     await marker.pass_through(remaining())
-    while remaining() > 0 and time.monotonic() - core.last_arrival < QUIET_BEFORE_CLOSE:
+    hold_until = time.monotonic() + min(remaining(), MAX_HOLD)
+    while time.monotonic() < hold_until and time.monotonic() - core.last_arrival < QUIET_BEFORE_CLOSE:
         await asyncio.sleep(QUIET_BEFORE_CLOSE / 2)
     stopping = asyncio.create_task(server.stop(min(remaining(), 5.0)))
     await asyncio.sleep(min(remaining(), GOAWAY_TRAVEL))
