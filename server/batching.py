@@ -36,6 +36,8 @@ Policy = Literal["eager", "idle", "fixed"]
 # The "idle" policy's first wait (seconds) once an idle model finds requests arriving together; see
 # Batcher._adapt_window.
 MIN_WINDOW = 0.0002
+# Batches of fewer requests say nothing about lock-step callers: two arrivals close together happen by chance.
+CYCLE_MIN_REQUESTS = 3
 # A caller's cancellation this close to its deadline is the deadline: the client's clock started before ours.
 CANCEL_NEAR_DEADLINE = 0.05
 
@@ -54,8 +56,8 @@ class BatchingConfig:
     max_batch_size: int = 64
     batch_timeout: float = 0.01
     max_queued_rows: int = 4096
-    policy: Policy = "eager"
-    max_batches_in_flight: int = 1
+    policy: Policy = "idle"
+    max_batches_in_flight: int = 2
     allowed_batch_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -123,6 +125,7 @@ class _ModelQueue:
     running: int = 0
     window: float = 0.0  # seconds an idle model waits for more requests (learned, see Batcher._adapt_window)
     batch_seconds: float = 0.0  # moving average of one model call's duration, for the queue's wait estimate
+    last_batch_requests: int = 0  # requests in the latest batch: the size of one cycle of closed-loop callers
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     loop_task: asyncio.Task[None] | None = None
 
@@ -313,9 +316,17 @@ class Batcher:
                 ready_at = queue.tasks[0].enqueued + (
                     min(queue.window, config.batch_timeout) if idle else config.batch_timeout
                 )
-                if queue.rows >= config.max_batch_size or now >= ready_at:
-                    if idle:
-                        self._adapt_window(queue, config)
+                # The previous batch's callers are all back (closed-loop clients move in lock-step): waiting out the
+                # rest of the window would only delay every one of them.
+                cycle_back = (
+                    idle
+                    and queue.last_batch_requests >= CYCLE_MIN_REQUESTS
+                    and _requests_at_least(queue.tasks, queue.last_batch_requests)
+                )
+                full = queue.rows >= config.max_batch_size
+                if full or now >= ready_at or cycle_back:
+                    if idle and not (full and not cycle_back):  # a full queue says nothing about waiting
+                        self._adapt_window(queue, config, paid_off=cycle_back)
                     self._dispatch(queue, config)
                     continue
                 timeout: float | None = ready_at - now
@@ -325,13 +336,13 @@ class Batcher:
                 await asyncio.wait_for(queue.changed.wait(), timeout)
 
     @staticmethod
-    def _adapt_window(queue: _ModelQueue, config: BatchingConfig) -> None:
-        """Learn how long an idle model waits for company. Batches that find several requests together mean
-        concurrent load: wait longer (up to batch_timeout), since fewer, larger model calls save the server
-        CPU per request. A batch of one means a lone caller: halve the wait, down to none, so that a caller
-        on its own never pays for waiting."""
-        # Chunks of one request are queued together, so several requests are queued iff first and last differ.
-        if queue.tasks and queue.tasks[0].request is not queue.tasks[-1].request:
+    def _adapt_window(queue: _ModelQueue, config: BatchingConfig, paid_off: bool) -> None:
+        """Learn how long an idle model waits for company. Waiting paid off when the previous batch's callers came
+        back together (closed-loop clients in lock-step): wait longer (up to batch_timeout), since fewer, larger
+        model calls save the server CPU per request. A window that ran out
+        means arrivals that do not follow our answers (an open loop, a lone caller): halve it, down to none, so
+        that moderate load pays no latency for waiting."""
+        if paid_off:
             queue.window = min(config.batch_timeout, max(2 * queue.window, MIN_WINDOW))
         else:
             queue.window = queue.window / 2 if queue.window > MIN_WINDOW else 0.0
@@ -364,6 +375,7 @@ class Batcher:
         batch = self._take_batch(queue, config)
         if not batch:
             return
+        queue.last_batch_requests = len({id(t.request) for t in batch})
         rows = sum(t.rows for t in batch)
         padded = config.padded_size(rows)
         deadlines = [t.deadline for t in batch]
@@ -416,6 +428,16 @@ def _end_run_now(queue: _ModelQueue, call: asyncio.Future[dict[str, np.ndarray]]
     # Retrieved here, so a failure after its caller left is not reported as unhandled.
     if not call.cancelled() and isinstance(call.exception(), DeadlineExpiredError):
         queue.metrics.expired.inc()
+
+
+def _requests_at_least(tasks: deque[_Task], count: int) -> bool:
+    """Whether the queue holds chunks of at least `count` different requests (a split request is one)."""
+    seen: set[int] = set()
+    for task in tasks:
+        seen.add(id(task.request))
+        if len(seen) >= count:
+            return True
+    return False
 
 
 def _batchable(runtime: ModelRuntime) -> bool:

@@ -151,15 +151,13 @@ class Settings:
         4096, "Rows queued per model at most; beyond it requests fail at once with RESOURCE_EXHAUSTED.", int
     )
     batching_policy: str = _setting(
-        "eager",
-        "'eager': a free batch slot takes whatever is queued at once (batches grow with load, no timer); "
-        "'idle': run at once when the model is idle, else wait up to a learned window (at most --batch-timeout); "
+        "idle",
+        "'idle': run at once when the model is idle, wait a learned window (at most --batch-timeout) only while "
+        "callers come back in lock-step; 'eager': a free batch slot takes whatever is queued at once (no timer); "
         "'fixed': always wait for a full batch or --batch-timeout.",
     )
     max_batches_in_flight: int = _setting(
-        1,
-        "Batches of one model running at once; while they run, requests queue and form the next batch.",
-        int,
+        2, "Batches of one model running at once, so preparing the next overlaps the current one.", int
     )
     model_batching: dict[str, dict[str, Any]] = _setting(
         {},

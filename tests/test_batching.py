@@ -332,30 +332,36 @@ def test_error_to_status_map(error, code):
     assert to_status(error)[0] == code
 
 
-def test_idle_policy_learns_to_wait_under_load_and_stops_for_a_lone_caller(executor, runtime):
+def test_idle_policy_learns_to_wait_for_lock_step_callers_and_stops_for_a_lone_caller(executor, runtime):
     clock = ManualClock()  # stands still unless the test moves it: waits end only when the test says so
 
-    async def scenario():
-        batcher = make_batcher(executor, clock=clock, max_batch_size=64, batch_timeout=1.0, policy="idle")
+    async def cycle(first_seed: int) -> None:
+        """One request runs (held), three queue behind it, then the model is released: what closed-loop callers do."""
         runtime.gate.clear()
-        first = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=0), 1))
-        await asyncio.to_thread(runtime.started.wait, 10)
-        together = [asyncio.create_task(batcher.run(runtime, rows_of(1, seed=i), 1)) for i in (1, 2)]
+        runtime.started.clear()
+        first = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=first_seed), 1))
+        assert await asyncio.to_thread(runtime.started.wait, 10)
+        behind = [asyncio.create_task(batcher.run(runtime, rows_of(1, seed=first_seed + i), 1)) for i in (1, 2, 3)]
         await settle()
         runtime.gate.set()
-        await asyncio.gather(first, *together)  # two requests found each other: concurrent load
+        await asyncio.wait_for(asyncio.gather(first, *behind), 10)
 
-        waiting = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=3), 1))
+    async def scenario():
+        nonlocal batcher
+        batcher = make_batcher(executor, clock=clock, max_batch_size=64, batch_timeout=1.0, policy="idle")
+        await cycle(0)  # a batch of three runs at once: nothing says yet that waiting pays
+        await cycle(10)  # the same three came back together: lock-step callers, so the model learns to wait
+        waiting = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=20), 1))
         await asyncio.sleep(0.05)
-        assert not waiting.done(), "after concurrent load, an idle model waits a moment for company"
-        assert runtime.calls == [1, 2]
+        assert not waiting.done(), "after lock-step callers, an idle model waits a moment for company"
         clock.now += 0.001  # past the learned wait (well under batch_timeout)
-        await waiting
-        # That wait found nobody: the next lone request runs at once, with the clock still standing.
-        await asyncio.wait_for(batcher.run(runtime, rows_of(1, seed=4), 1), 10)
+        await asyncio.wait_for(waiting, 10)
+        # That wait ran out with nobody: the next lone request runs at once, with the clock still standing.
+        await asyncio.wait_for(batcher.run(runtime, rows_of(1, seed=21), 1), 10)
 
+    batcher = None
     asyncio.run(scenario())
-    assert runtime.calls == [1, 2, 1, 1]
+    assert runtime.calls == [1, 4, 1, 4, 1, 1]  # batches of three, padded to four
 
 
 def test_a_model_whose_outputs_are_not_per_row_fails_its_batch_instead_of_hanging(executor, runtime):
