@@ -89,15 +89,24 @@ def overload(repository: Path, seconds: float) -> dict:
     server = _serving(repository)
     try:
         load(server.target, "multi_input", 1.0, concurrency=64)  # warm-up
+        results = {"server_rss_before_mb": _rss_bytes(server.process.pid) / 2**20}
         unloaded = load(server.target, "multi_input", 5.0, concurrency=64)
         capacity = unloaded["throughput_rps"]
         calm = load(server.target, "multi_input", 3.0, concurrency=1)
         threshold = 3 * calm["latency_ms"]["p99"] / 1000
-        results = {"capacity_rps": capacity, "unloaded_c64": unloaded, "unloaded_c1": calm}
+        results |= {"capacity_rps": capacity, "unloaded_c64": unloaded, "unloaded_c1": calm}
         for factor in (2, 4):
             samples: list[tuple[float, float | None]] = []
             stop = threading.Event()
             prober = threading.Thread(target=_probe, args=(server.target, stop, samples))
+            rss_peak = [_rss_bytes(server.process.pid)]
+
+            def sample_rss(stop: threading.Event = stop, peak: list[int] = rss_peak) -> None:
+                while not stop.wait(0.1):
+                    peak[0] = max(peak[0], _rss_bytes(server.process.pid))
+
+            sampler = threading.Thread(target=sample_rss)
+            sampler.start()
             started = time.monotonic()
             prober.start()
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
@@ -114,6 +123,8 @@ def overload(repository: Path, seconds: float) -> dict:
                 time.sleep(0.05)
             stop.set()
             prober.join()
+            sampler.join()
+            result["server_rss_peak_mb"] = rss_peak[0] / 2**20
             recovered = [t for t, latency in samples if t > end and latency is not None and latency < threshold]
             result["recovery_s"] = (recovered[0] - end) if recovered else None
             result["recovery_threshold_ms"] = threshold * 1000

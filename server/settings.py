@@ -103,7 +103,7 @@ class Settings:
         int,
     )
     max_pending_rpcs: int = _setting(
-        20000,
+        200_000,
         "Calls gRPC may hold received but not yet handed to a handler (its own backlog). Keep it well above "
         "--max-concurrent-rpcs: past it gRPC cancels calls itself, before our admission control can answer them.",
         int,
