@@ -29,7 +29,7 @@ from tests.serverproc import ServerProcess
 from tests.test_api import keras_outputs
 from tests.test_models import random_inputs
 
-BACKLOG = 6  # big residual_cnn calls that hold the one inference thread
+BACKLOG = 10  # big residual_cnn calls that hold the one inference thread
 ROWS = 1500  # rows of each: one call takes a noticeable time on any CPU
 UNMET = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")  # codes of a request whose deadline cannot be met
 ARGS = [
