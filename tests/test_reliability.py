@@ -34,38 +34,49 @@ def _one_row(keras_models) -> tuple[pb.PredictMultiInputRequest, float]:
 
 
 async def drain_round(
-    server: ServerProcess, request: pb.PredictMultiInputRequest, expected: float
+    server: ServerProcess, request: pb.PredictMultiInputRequest, expected: float, channels: int = 1
 ) -> tuple[collections.Counter[tuple[str, str]], list[float]]:
-    """64 closed-loop callers; SIGTERM after a second of load; every call recorded as (sent before/after, code)."""
+    """64 closed-loop callers over `channels` connections; SIGTERM after a second of load; every call recorded as
+    (sent before/after, code), and every OK answer that differs from `expected`."""
     outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
     wrong: list[float] = []
     signalled: float | None = None
-    async with grpc.aio.insecure_channel(server.target) as channel:
-        predict = channel.unary_unary(
+    # Separate subchannel pools: otherwise channels with equal options share one connection.
+    opened = [
+        grpc.aio.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(channels)
+    ]
+    predicts = [
+        channel.unary_unary(
             "/modelserver.v1.ModelService/PredictMultiInput",
             request_serializer=pb.PredictMultiInputRequest.SerializeToString,
             response_deserializer=pb.PredictMultiInputResponse.FromString,
         )
+        for channel in opened
+    ]
 
-        async def caller() -> None:
-            while signalled is None or (server.process.poll() is None and time.monotonic() < signalled + 30):
-                when = "before" if signalled is None else "after"
-                try:
-                    response = await predict(request, timeout=30)
-                except grpc.aio.AioRpcError as error:
-                    outcomes[(when, error.code().name)] += 1
-                    if server.process.poll() is not None:
-                        return
-                else:
-                    outcomes[(when, "OK")] += 1
-                    if abs(response.output[0] - expected) > 1e-5:
-                        wrong.append(response.output[0])
+    async def caller(predict: grpc.aio.UnaryUnaryMultiCallable) -> None:
+        while signalled is None or (server.process.poll() is None and time.monotonic() < signalled + 30):
+            when = "before" if signalled is None else "after"
+            try:
+                response = await predict(request, timeout=30)
+            except grpc.aio.AioRpcError as error:
+                outcomes[(when, error.code().name)] += 1
+                if server.process.poll() is not None:
+                    return
+            else:
+                outcomes[(when, "OK")] += 1
+                if abs(response.output[0] - expected) > 1e-5:
+                    wrong.append(response.output[0])
 
-        callers = [asyncio.create_task(caller()) for _ in range(CALLERS)]
+    try:
+        callers = [asyncio.create_task(caller(predicts[i % channels])) for i in range(CALLERS)]
         await asyncio.sleep(1.0)
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(asyncio.gather(*callers), 60)
+    finally:
+        await asyncio.gather(*(channel.close() for channel in opened))
     return outcomes, wrong
 
 

@@ -4,7 +4,6 @@ metrics scrape and its orchestrator. Every call is counted on the client side.""
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import re
 import signal
@@ -23,6 +22,7 @@ from server.workers import reserve_port, worker_count
 from tests.serverproc import ServerProcess
 from tests.test_api import keras_outputs
 from tests.test_models import random_inputs
+from tests.test_reliability import drain_round
 
 CHANNELS = 16  # separate connections: the kernel spreads connections, not calls, over the workers
 CALLS_PER_CHANNEL = 20
@@ -136,47 +136,10 @@ def test_every_worker_serves_correct_predictions_and_one_scrape_counts_them_all(
     assert workers.metric("process_resident_memory_bytes") > 0 and workers.metric("process_cpu_seconds_total") > 0
 
 
-async def _drain_round(server: ServerProcess, callers: int = 64) -> collections.Counter[tuple[str, str]]:
-    """`callers` closed-loop callers over CHANNELS connections; SIGTERM after a second of load."""
-    outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
-    request = pb.PredictMultiInputRequest(input_a=[0.25] * 10, input_b=[0.5] * 20)
-    signalled: float | None = None
-    channels = [grpc.aio.insecure_channel(server.target, options=SEPARATE) for _ in range(CHANNELS)]
-    predicts = [
-        c.unary_unary(
-            PREDICT,
-            request_serializer=pb.PredictMultiInputRequest.SerializeToString,
-            response_deserializer=pb.PredictMultiInputResponse.FromString,
-        )
-        for c in channels
-    ]
-
-    async def caller(predict) -> None:
-        while signalled is None or (server.process.poll() is None and time.monotonic() < signalled + 30):
-            when = "before" if signalled is None else "after"
-            try:
-                await predict(request, timeout=30)
-            except grpc.aio.AioRpcError as error:
-                outcomes[(when, error.code().name)] += 1
-                if server.process.poll() is not None:
-                    return
-            else:
-                outcomes[(when, "OK")] += 1
-
-    try:
-        tasks = [asyncio.create_task(caller(predicts[i % CHANNELS])) for i in range(callers)]
-        await asyncio.sleep(1.0)
-        signalled = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(asyncio.gather(*tasks), 60)
-    finally:
-        await asyncio.gather(*(c.close() for c in channels))
-    return outcomes
-
-
 def test_sigterm_under_load_drains_every_worker_and_exits_zero(workers):
     pids = _worker_pids(workers)
-    outcomes = asyncio.run(_drain_round(workers))
+    request = pb.PredictMultiInputRequest(input_a=[0.25] * 10, input_b=[0.5] * 20)
+    outcomes, _ = asyncio.run(drain_round(workers, request, expected=float("nan"), channels=CHANNELS))
     assert workers.process.wait(60) == 0, workers.log_text()
     assert {code for when, code in outcomes if when == "before"} == {"OK"}, outcomes
     assert {code for when, code in outcomes if when == "after"} <= {"OK", "UNAVAILABLE"}, outcomes
