@@ -48,8 +48,10 @@ $(PERF_ANALYZER): bench/perf_analyzer.py | $(STAMP)
 clean:
 	rm -rf $(VENV) model_repository .pytest_cache .ruff_cache .perf_analyzer
 
+# The performance goals as same-run ratios (bench/run.py), then 1 against 2 workers (bench/workers.py).
 bench: $(STAMP) $(GENERATED)
 	$(PY) bench/run.py $(ARGS)
+	$(PY) bench/workers.py
 
 # Drain over 10 SIGTERMs, overload at 2x and 4x capacity, and a 10-minute soak (about 13 minutes in all).
 bench-reliability: $(STAMP) $(GENERATED)
