@@ -193,8 +193,9 @@ async def _drain(
     hold_until = time.monotonic() + min(remaining(), MAX_HOLD)
     while time.monotonic() < hold_until and time.monotonic() - core.last_arrival < QUIET_BEFORE_CLOSE:
         await asyncio.sleep(QUIET_BEFORE_CLOSE / 2)
-    stopping = asyncio.create_task(server.stop(min(remaining(), 5.0)))
-    await asyncio.sleep(min(remaining(), GOAWAY_TRAVEL))
+    # Even with the grace period used up, the held calls get their UNAVAILABLE rather than gRPC's CANCELLED.
+    stopping = asyncio.create_task(server.stop(max(min(remaining(), 5.0), GOAWAY_TRAVEL + 0.5)))
+    await asyncio.sleep(GOAWAY_TRAVEL)
     core.release_held()
     await stopping
 
