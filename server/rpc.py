@@ -85,6 +85,15 @@ def _safe_decoder(message_class: type[Message]) -> Callable[[bytes], Message | M
     return decode
 
 
+# gRPC's method-handler constructor for (request streaming, response streaming).
+HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
     """Register every method of `service` that `servicer` implements, decoding requests with `_safe_decoder`."""
     handlers = {}
@@ -94,12 +103,7 @@ def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescr
             continue
         request_class = GetMessageClass(method.input_type)
         response_class = GetMessageClass(method.output_type)
-        kind = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(method.client_streaming, method.server_streaming)]
+        kind = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = kind(
             behaviour,
             request_deserializer=_safe_decoder(request_class),

@@ -8,14 +8,9 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 
 from server.metrics import REQUESTS
+from server.rpc import HANDLER_KINDS
 
 _MESSAGE = "missing or invalid bearer token: send the metadata 'authorization: Bearer TOKEN'"
-_HANDLER_KINDS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
 
 
 async def _deny(request: object, context: grpc.aio.ServicerContext) -> None:
@@ -49,4 +44,4 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:  # an unknown method stays UNIMPLEMENTED, and adds no metric label
             return None
         REQUESTS.labels("unknown", details.method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED.name).inc()
-        return _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)](_deny)
+        return HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)](_deny)
