@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -21,7 +23,9 @@ from server.batching import Batcher
 from server.device import select_device
 from server.drain import MARK_METHOD, DrainMarker
 from server.grpc_service import ModelService
+from server.hold import HoldPoints
 from server.inference import InferenceService
+from server.ports import write_port_file
 from server.rpc import add_service
 from server.runtime import ModelRuntime
 from server.security import BearerTokenInterceptor
@@ -43,13 +47,18 @@ GOAWAY_TRAVEL = 0.2
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _load_model(versions: list[repository.ModelVersion], device: str, batcher: Batcher) -> ModelRuntime:
+def _load_model(
+    versions: list[repository.ModelVersion], device: str, batcher: Batcher, holds: HoldPoints
+) -> ModelRuntime:
     """Load the latest version of one model and warm up every batch size (blocking; runs on the executor)."""
     latest = versions[-1]
+    holds.wait("load", latest.name)
     started = time.perf_counter()
     try:
         runtime = ModelRuntime(latest.name, latest.version, latest.path, device)
         batcher.warm_up(runtime)
+        if holds.folder is not None:
+            runtime.before_call = functools.partial(holds.wait, "predict")
     except Exception as error:
         raise RuntimeError(
             f"cannot load model '{latest.name}' version {latest.version} from {latest.path}: {error}"
@@ -65,11 +74,12 @@ def _load_model(versions: list[repository.ModelVersion], device: str, batcher: B
     return runtime
 
 
-def _prepare_repository(settings: Settings) -> tuple[str, dict[str, list[repository.ModelVersion]]]:
+def _prepare_repository(settings: Settings, holds: HoldPoints) -> tuple[str, dict[str, list[repository.ModelVersion]]]:
     """Pick the device, export missing built-in models, and list what the repository holds (blocking)."""
     device = select_device(settings.intra_op_threads, settings.inter_op_threads)
     metrics.DEVICE_INFO.labels(device).set(1)
     for definition in BUILTIN_MODELS.values():
+        holds.wait("export", definition.name)
         started = time.perf_counter()
         if repository.ensure_exported(
             settings.model_repository, definition.name, definition.version, definition.build, settings.seed
@@ -89,16 +99,17 @@ async def _load_all(
     batcher: Batcher,
     health_servicer: health.aio.HealthServicer,
     executor: ThreadPoolExecutor,
+    holds: HoldPoints,
 ) -> None:
     loop = asyncio.get_running_loop()
-    device, found = await loop.run_in_executor(executor, _prepare_repository, settings)
+    device, found = await loop.run_in_executor(executor, _prepare_repository, settings, holds)
     for name, versions in found.items():
         await health_servicer.set(name, NOT_SERVING)
         metrics.MODEL_READY.labels(name, str(versions[-1].version)).set(0)
     loaded = {}
     for name, versions in found.items():
         try:
-            runtime = await loop.run_in_executor(executor, _load_model, versions, device, batcher)
+            runtime = await loop.run_in_executor(executor, _load_model, versions, device, batcher, holds)
         except RuntimeError as error:
             if name in BUILTIN_MODELS:
                 raise  # ours: a bug to fix, not a replica to run without it
@@ -252,13 +263,14 @@ async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callabl
     except RuntimeError as error:
         log.error("cannot listen on %s: %s (is the port in use?)", address, error)
         return 1
-    if settings.metrics_port:
+    metrics_port = None
+    if settings.metrics:
         try:
-            metrics.serve_metrics(settings.metrics_address, settings.metrics_port)
+            metrics_port = metrics.serve_metrics(settings.metrics_address, settings.metrics_port)
         except OSError as error:
             log.error("cannot serve metrics on %s:%d: %s", settings.metrics_address, settings.metrics_port, error)
             return 1
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_address, metrics_port)
     await server.start()
     admission.start()
     log.info(
@@ -268,6 +280,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callabl
         "TLS" if settings.tls_enabled else "plaintext",
         ", bearer-token authentication" if tokens else "",
     )
+    if settings.port_file is not None:
+        write_port_file(settings.port_file, port, metrics_port, [os.getpid()])
     if notify is not None:
         notify("listening")
 
@@ -276,7 +290,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callabl
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    loading = asyncio.create_task(_load_all(settings, core, batcher, health_servicer, executor))
+    holds = HoldPoints(settings.test_hold_dir)
+    loading = asyncio.create_task(_load_all(settings, core, batcher, health_servicer, executor, holds))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0

@@ -156,7 +156,8 @@ def _only_metrics(app):  # type: ignore[no-untyped-def]
     return serve
 
 
-def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
-    """Start the /metrics HTTP endpoint in a background thread."""
+def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> int:
+    """Start the /metrics HTTP endpoint in a background thread; returns the port bound (port 0 picks one)."""
     server = make_server(host, port, _only_metrics(make_wsgi_app(registry)), _Server, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server.server_port

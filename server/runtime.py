@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +45,15 @@ class ModelRuntime:
         self.outputs: dict[str, TensorSpec] = {
             n: _spec(n, s) for n, s in sorted(self._signature.structured_outputs.items())
         }
+        # Called with the model's name before every model call once set (after warm-up): the tests' hold point.
+        self.before_call: Callable[[str], None] | None = None
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the signature on validated inputs; returns one array per output, rows first."""
         import tensorflow as tf
 
+        if self.before_call is not None:
+            self.before_call(self.name)
         with tf.device(self.device):
             outputs = self._signature(**{name: tf.constant(value) for name, value in inputs.items()})
         return {name: tensor.numpy() for name, tensor in outputs.items()}

@@ -77,7 +77,15 @@ def _model_batching(value: str) -> dict[str, dict[str, Any]]:
 class Settings:
     host: str = _setting("127.0.0.1", "Address the gRPC and metrics servers listen on (0.0.0.0 for all).")
     grpc_port: int = _setting(50051, "gRPC port; 0 picks a free port (logged at startup).", int)
-    metrics_port: int = _setting(8000, "Prometheus /metrics HTTP port; 0 disables metrics.", int)
+    metrics_port: int = _setting(8000, "Prometheus /metrics HTTP port; 0 picks a free port (logged at startup).", int)
+    metrics: bool = _setting(True, "Serve Prometheus /metrics at all.", _bool)
+    port_file: Path | None = _setting(
+        None,
+        'When set, the ports bound are written to this file as JSON ({"grpc_port": N, "metrics_port": M}; '
+        "metrics_port null without metrics) once the server listens: how a supervisor or a test learns the ports "
+        "that port 0 picked. Written atomically (a temporary file renamed into place).",
+        _optional_path,
+    )
     model_repository: Path = _setting(
         Path("model_repository"),
         "Model repository folder: <repository>/<model>/<version>/ SavedModels. Built-in models are "
@@ -129,6 +137,14 @@ class Settings:
     )
     reflection: bool = _setting(True, "Serve gRPC server reflection (for grpcurl and similar tools).", _bool)
     seed: int = _setting(1234, "Seed for the built-in models' weights: the same seed gives the same weights.", int)
+    test_hold_dir: Path | None = _setting(
+        None,
+        "Testing aid, off by default: while DIR/predict exists, every model call made after warm-up waits before "
+        "it runs (DIR/load: before each model loads; DIR/export: before each built-in model is exported), and "
+        "each call that reaches such a point appends a line to DIR/<point>.arrived. A test holds the model busy "
+        "this way, whatever the machine's speed, and releases it by deleting the file.",
+        _optional_path,
+    )
     workers: int = _setting(
         1,
         "Server processes sharing the gRPC port (SO_REUSEPORT); 0 = one per CPU core this process may use. One "

@@ -32,6 +32,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from server.ports import write_port_file
 from server.settings import Settings, configure_logging
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,10 @@ def _export(settings: Settings) -> None:
     """Spawned helper: export the built-in models missing from the repository, as a lone server would."""
     configure_logging(settings.log_level)
     from server.app import _prepare_repository
+    from server.hold import HoldPoints
 
     try:
-        _prepare_repository(settings)
+        _prepare_repository(settings, HoldPoints(settings.test_hold_dir))
     except Exception as error:
         log.error("cannot export the built-in models into %s: %s", settings.model_repository, error, exc_info=True)
         sys.exit(1)
@@ -140,6 +142,7 @@ class Supervisor:
         self.workers: list[_Worker] = []
         self.stop_requested = False
         self.failed = False
+        self.metrics_port: int | None = None
         self._kill_at = float("inf")
 
     def run(self) -> int:
@@ -206,24 +209,24 @@ class Supervisor:
         return helper.exitcode == 0 and not self.stop_requested
 
     def _serve_metrics(self, metrics_dir: Path) -> bool:
-        if not self.settings.metrics_port:
+        if not self.settings.metrics:
             return True
         from server.metrics import serve_metrics
         from server.worker_metrics import supervisor_registry
 
         registry = supervisor_registry(metrics_dir, self._running, self._started)
         try:
-            serve_metrics(self.settings.metrics_address, self.settings.metrics_port, registry)
+            self.metrics_port = serve_metrics(self.settings.metrics_address, self.settings.metrics_port, registry)
         except OSError as error:
             log.error("cannot serve metrics on %s:%d: %s", self.settings.metrics_address, self.settings.metrics_port,
                       error)  # fmt: skip
             return False
         log.info("metrics of all workers on http://%s:%d/metrics", self.settings.metrics_address,
-                 self.settings.metrics_port)  # fmt: skip
+                 self.metrics_port)  # fmt: skip
         return True
 
     def _start_worker(self, index: int, port: int) -> None:
-        settings = dataclasses.replace(self.settings, grpc_port=port, metrics_port=0, workers=1)
+        settings = dataclasses.replace(self.settings, grpc_port=port, metrics=False, port_file=None, workers=1)
         conn, child_conn = SPAWN.Pipe()
         process = SPAWN.Process(target=_worker, args=(settings, index, child_conn), name=f"modelserver-worker-{index}")
         process.start()
@@ -265,6 +268,8 @@ class Supervisor:
                 announced.add("listening")
                 log.info("gRPC listening on %s:%d (%s; %d workers)", self.settings.host, port,
                          "TLS" if self.settings.tls_enabled else "plaintext", self.count)  # fmt: skip
+                if self.settings.port_file is not None:
+                    write_port_file(self.settings.port_file, port, self.metrics_port, [w.pid for w in self.workers])
             if "serving" not in announced and all(s == "serving" for s in states) and not self.stop_requested:
                 announced.add("serving")
                 log.info("SERVING with %d workers (pids %s) after %.2fs", self.count,
