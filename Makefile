@@ -43,19 +43,19 @@ lint: $(STAMP)
 PERF_ANALYZER := .perf_analyzer/bin/perf_analyzer
 perf-analyzer: $(PERF_ANALYZER)
 $(PERF_ANALYZER): bench/perf_analyzer.py | $(STAMP)
-	$(PY) bench/perf_analyzer.py
+	$(PY) -m bench.perf_analyzer
 
 clean:
 	rm -rf $(VENV) model_repository .pytest_cache .ruff_cache .perf_analyzer
 
 # The performance goals as same-run ratios (bench/run.py), then 1 against 2 workers (bench/workers.py).
 bench: $(STAMP) $(GENERATED)
-	$(PY) bench/run.py $(ARGS)
-	$(PY) bench/workers.py
+	$(PY) -m bench.run $(ARGS)
+	$(PY) -m bench.workers
 
 # Drain over 10 SIGTERMs, overload at 2x and 4x capacity, and a 10-minute soak (about 13 minutes in all).
 bench-reliability: $(STAMP) $(GENERATED)
-	$(PY) bench/reliability.py $(ARGS)
+	$(PY) -m bench.reliability $(ARGS)
 
 bench-protocols: $(STAMP) $(GENERATED)
-	$(PY) bench/protocols.py $(ARGS)
+	$(PY) -m bench.protocols $(ARGS)

@@ -2,7 +2,7 @@
 the same ModelRuntime.predict the server uses, with no gRPC and no batcher.
 
 Run as its own process by bench/run.py, so its TensorFlow threads are gone before the servers start.
-Usage: python bench/compute_ceiling.py REPOSITORY SECONDS_PER_SIZE  (prints JSON)
+Usage: python -m bench.compute_ceiling REPOSITORY SECONDS_PER_SIZE  (prints JSON)
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from server.device import select_device  # noqa: E402
-from server.runtime import ModelRuntime  # noqa: E402
+from server.device import select_device
+from server.runtime import ModelRuntime
 
 BATCH_SIZES = {"multi_input": (1, 8, 64, 256), "residual_cnn": (1, 8, 32, 64, 128)}
 

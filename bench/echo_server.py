@@ -2,7 +2,8 @@
 
 It answers PredictMultiInput / PredictSharedLayer / PredictResidualCnn with a prebuilt response of the
 right size for the request's row count, without touching numpy or a model: what our server could reach if
-inference, batching and validation cost nothing. Usage: python bench/echo_server.py PORT
+inference, batching and validation cost nothing. Usage: python -m bench.echo_server [PORT] (0 or none: a free
+port; the first line it prints names the port bound)
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ class EchoService(pb_grpc.ModelServiceServicer):
 async def main(port: int) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)])
     pb_grpc.add_ModelServiceServicer_to_server(EchoService(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"echo listening on 127.0.0.1:{port}", flush=True)
     await server.wait_for_termination()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 0))

@@ -3,7 +3,7 @@
 The binary ships in the tritonclient 2.41.1 wheel (a version our venv does not use: it would pin an older
 protobuf), and needs libb64 (Debian's libb64-0d) and the CUDA runtime library (the nvidia-cuda-runtime-cu12
 wheel) even to talk gRPC to a CPU-only server. Wheels are downloaded, never installed: the binary goes to
-.perf_analyzer/bin, the library to .perf_analyzer/lib. Usage: python bench/perf_analyzer.py [DEST]
+.perf_analyzer/bin, the library to .perf_analyzer/lib. Usage: python -m bench.perf_analyzer [DEST]
 """
 
 from __future__ import annotations

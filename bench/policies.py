@@ -1,20 +1,17 @@
 """The batching policies side by side: the default (`idle`), `eager` with one batch in flight, and batching off,
 each loaded in turn with 1-row multi_input requests at c=1/16/64 and open loops at 300 and 700 req/s.
 
-Usage: python bench/policies.py [--rounds N] [--duration S]  (prints one line per load and server, medians)
+Usage: python -m bench.policies [--rounds N] [--duration S]  (prints one line per load and server, medians)
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.run import batch_stats, load, machine, start_server  # noqa: E402
+from bench.run import batch_stats, load, machine, start_server
 
 VARIANTS = {
     "idle (default)": [],

@@ -8,7 +8,7 @@ several rounds, and each one's median (by throughput) is kept, so drift on this 
 them alike. Also measured: the server's and the load client's CPU time per request (/proc, getrusage) and,
 in-process, what decoding one 32-row image request costs as packed floats (typed) and as raw bytes (OIP).
 
-Usage: python bench/protocols.py [--duration S] [--rounds N] [--out FILE]
+Usage: python -m bench.protocols [--duration S] [--rounds N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ import urllib.request
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from tests.serverproc import ServerProcess  # noqa: E402
+from tests.helpers.server import ServerProcess  # noqa: E402
 
 CNN_ROWS = 32
 LOADS = [  # (name, model, concurrency, rows, protocols)

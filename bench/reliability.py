@@ -2,7 +2,7 @@
 load, overload at 2x and 4x the measured capacity, and a soak at concurrency 16. Every call is counted on the
 client side. Prints JSON (also written to bench/results/).
 
-Usage: python bench/reliability.py [--drains 10] [--overload-seconds 8] [--soak-seconds 600]
+Usage: python -m bench.reliability [--drains 10] [--overload-seconds 8] [--soak-seconds 600]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import grpc  # noqa: E402
@@ -27,8 +26,8 @@ import numpy as np  # noqa: E402
 
 from bench.run import load, log, machine  # noqa: E402
 from modelserver.v1 import modelserver_pb2 as pb  # noqa: E402
-from tests.serverproc import ServerProcess  # noqa: E402
-from tests.test_reliability import drain_round  # noqa: E402
+from tests.helpers.drain import drain_round  # noqa: E402
+from tests.helpers.server import ServerProcess  # noqa: E402
 
 REQUEST = pb.PredictMultiInputRequest(input_a=[0.25] * 10, input_b=[0.5] * 20)
 

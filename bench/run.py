@@ -7,7 +7,7 @@ concurrency 1, 16, 64 and 256, multi-row residual_cnn requests, and open-loop ru
 batched maximum. Every server runs at once and each load is run against them in turn, several rounds, keeping
 each one's median. Prints JSON (also written to bench/results/) and a markdown table.
 
-Usage: python bench/run.py [--duration S] [--rounds N] [--out FILE]
+Usage: python -m bench.run [--duration S] [--rounds N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ import urllib.request
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from tests.serverproc import ServerProcess, free_port  # noqa: E402
+from tests.helpers.server import ServerProcess  # noqa: E402
 
 CONCURRENCIES = (1, 16, 64, 256)
 CNN_ROWS = 32
@@ -54,9 +53,8 @@ def machine() -> dict:
 
 def compute_ceiling(repository: Path, seconds: float) -> dict:
     """Rows/s of each model called in-process at each batch size (bench/compute_ceiling.py)."""
-    script = REPO_ROOT / "bench" / "compute_ceiling.py"
-    done = subprocess.run([sys.executable, str(script), str(repository), str(seconds)], capture_output=True, text=True,
-                          check=True, cwd=REPO_ROOT)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "bench.compute_ceiling", str(repository), str(seconds)],
+                          capture_output=True, text=True, check=True, cwd=REPO_ROOT)  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -135,12 +133,12 @@ class EchoServer:
     """bench/echo_server.py in its own process."""
 
     def __init__(self) -> None:
-        port = free_port()
-        script = str(REPO_ROOT / "bench" / "echo_server.py")
-        self.process = subprocess.Popen([sys.executable, script, str(port)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                                        text=True)  # fmt: skip
-        assert self.process.stdout is not None and "listening" in self.process.stdout.readline()
-        self.target = f"127.0.0.1:{port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "bench.echo_server"], cwd=REPO_ROOT,
+                                        stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert self.process.stdout is not None
+        listening = self.process.stdout.readline().split()  # "echo listening on HOST:PORT"
+        assert listening[:3] == ["echo", "listening", "on"], listening
+        self.target = listening[3]
 
     def stop(self) -> None:
         self.process.terminate()

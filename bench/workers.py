@@ -7,7 +7,7 @@ and after each measured run; requests per server CPU-second should stay flat fro
 cores, not cost per request). One client channel is one HTTP/2 connection and so reaches one worker: the
 `channels 1` run shows that. Prints JSON (also written to bench/results/).
 
-Usage: python bench/workers.py [--duration S] [--rounds N] [--out FILE]
+Usage: python -m bench.workers [--duration S] [--rounds N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from bench.run import batch_stats, log, machine  # noqa: E402
-from tests.serverproc import ServerProcess  # noqa: E402
+from tests.helpers.server import ServerProcess  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 WARMUP = 5.0  # seconds of load on each server before any measurement
@@ -183,7 +182,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON file (default: bench/results/workers-<time>.json)")
     args = parser.parse_args()
     results = run(args.duration, args.rounds)
-    results["command"] = f"python bench/workers.py --duration {args.duration:g} --rounds {args.rounds}"
+    results["command"] = f"python -m bench.workers --duration {args.duration:g} --rounds {args.rounds}"
     out = args.out or REPO_ROOT / "bench" / "results" / f"workers-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -31,12 +31,20 @@ def _process_figures(pid: int) -> dict[str, float]:
 class ServerProcesses(Collector):
     """Process figures summed over the supervisor and its running workers, and requests answered per worker.
 
-    `running` gives the pids of the running workers by worker index; `started` every pid a worker ever had."""
+    `running` gives the pids of the running workers by worker index; `started` every pid a worker ever had;
+    `serving` how many workers have loaded their models and serve."""
 
-    def __init__(self, path: Path, running: Callable[[], Mapping[int, int]], started: Callable[[], Mapping[int, int]]):
+    def __init__(
+        self,
+        path: Path,
+        running: Callable[[], Mapping[int, int]],
+        started: Callable[[], Mapping[int, int]],
+        serving: Callable[[], int],
+    ):
         self._path = path
         self._running = running
         self._started = started
+        self._serving = serving
 
     def collect(self) -> Iterable[Metric]:
         running = dict(self._running())
@@ -55,6 +63,9 @@ class ServerProcesses(Collector):
             yield GaugeMetricFamily("process_max_fds", "Maximum open file descriptors per process.",
                                     value=own["process_max_fds"])  # fmt: skip
         yield GaugeMetricFamily("modelserver_workers", "Worker processes running.", value=len(running))
+        yield GaugeMetricFamily(
+            "modelserver_workers_serving", "Workers that have loaded their models and serve.", value=self._serving()
+        )
         per_worker = CounterMetricFamily(
             "modelserver_worker_requests",
             "RPCs answered by each worker (modelserver_requests_total of that worker alone).",
@@ -78,10 +89,13 @@ class ServerProcesses(Collector):
 
 
 def supervisor_registry(
-    path: Path, running: Callable[[], Mapping[int, int]], started: Callable[[], Mapping[int, int]]
+    path: Path,
+    running: Callable[[], Mapping[int, int]],
+    started: Callable[[], Mapping[int, int]],
+    serving: Callable[[], int],
 ) -> CollectorRegistry:
     """The registry the supervisor serves at /metrics."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(path))
-    registry.register(ServerProcesses(path, running, started))
+    registry.register(ServerProcesses(path, running, started, serving))
     return registry

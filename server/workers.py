@@ -195,6 +195,9 @@ class Supervisor:
     def _started(self) -> dict[int, int]:
         return {w.index: w.pid for w in self.workers}
 
+    def _serving(self) -> int:
+        return sum(w.state == "serving" for w in self.workers)
+
     def _export(self) -> bool:
         """Export the built-in models once, in a spawned helper (the supervisor stays free of TensorFlow)."""
         helper = SPAWN.Process(target=_export, args=(self.settings,), name="modelserver-export")
@@ -214,7 +217,7 @@ class Supervisor:
         from server.metrics import serve_metrics
         from server.worker_metrics import supervisor_registry
 
-        registry = supervisor_registry(metrics_dir, self._running, self._started)
+        registry = supervisor_registry(metrics_dir, self._running, self._started, self._serving)
         try:
             self.metrics_port = serve_metrics(self.settings.metrics_address, self.settings.metrics_port, registry)
         except OSError as error:

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from clients.client import ModelServerClient  # noqa: E402
-from tests.serverproc import ServerProcess  # noqa: E402
+from tests.helpers.server import ServerProcess  # noqa: E402
 
 SEED = 1234  # the server's default --seed
 
@@ -23,9 +23,13 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(model_repository: Path) -> Iterator[ServerProcess]:
-    """A real server, started once per session on free ports, exporting the built-in models on its first start."""
-    process = ServerProcess(model_repository, ["--grace-period", "10"])
+    """A real server, started once per session on port 0, exporting the built-in models on its first start. It is
+    held before loading its first model until the test has seen it reachable and NOT_SERVING."""
+    process = ServerProcess(model_repository, ["--grace-period", "10"], held=["load"])
     try:
+        process.wait_arrived(1, "load", timeout=300)
+        process.health_seen.append(process.health())
+        process.release("load")
         process.wait_serving()
         yield process
     finally:

@@ -13,21 +13,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from clients.client import AsyncModelServerClient, ModelServerClient
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
-from tests.test_models import random_inputs
+from tests.helpers.models import keras_outputs, random_inputs, rpc_error
 
 WARMED_UP = re.compile(r"warmed up (\S+) at batch sizes ([\d, ]+)$")
-
-
-def keras_outputs(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    values = model(inputs if len(inputs) > 1 else next(iter(inputs.values())))
-    values = values if isinstance(values, list) else [values]
-    return {name: np.asarray(v) for name, v in zip(model.output_names, values, strict=True)}
-
-
-def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        call(*args, **kwargs)
-    return caught.value
 
 
 @pytest.mark.parametrize("rows", [1, 33])
@@ -147,8 +135,7 @@ def test_list_models(client):
 
 
 def test_health_went_from_not_serving_to_serving(server):
-    seen = [s for s in server.health_seen if s != "UNREACHABLE"]
-    assert seen == ["NOT_SERVING", "SERVING"]
+    assert server.health_seen == ["NOT_SERVING", "SERVING"]
     for service in ("", "modelserver.v1.ModelService", "multi_input", "shared_layer", "residual_cnn"):
         assert server.health(service) == "SERVING"
     with pytest.raises(grpc.RpcError) as caught:

@@ -8,9 +8,8 @@ import sys
 
 import numpy as np
 
-from tests.serverproc import REPO_ROOT
-from tests.test_api import keras_outputs
-from tests.test_models import random_inputs
+from tests.helpers.models import keras_outputs, random_inputs
+from tests.helpers.server import REPO_ROOT
 
 
 def cli(server, *args: str) -> subprocess.CompletedProcess:

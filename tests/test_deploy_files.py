@@ -20,9 +20,16 @@ import yaml
 from compose_spec import PyCompose
 
 from server import repository
-from tests.deploy_files import COMPOSE_OVERRIDES, KUBERNETES, active_services, compose_model, json_patch, kustomize
-from tests.deploy_native import NGINX_CONFIG, PROMETHEUS_CONFIG, nginx_config_for_loopback, tool
-from tests.serverproc import REPO_ROOT
+from tests.helpers.deploy_files import (
+    COMPOSE_OVERRIDES,
+    KUBERNETES,
+    active_services,
+    compose_model,
+    json_patch,
+    kustomize,
+)
+from tests.helpers.deploy_native import NGINX_CONFIG, PROMETHEUS_CONFIG, nginx_config_for_loopback, tool
+from tests.helpers.server import REPO_ROOT
 
 VARIANTS = [(), ("replicated",), ("gpu",), ("replicated", "gpu")]
 PROFILES = [set(), {"loadtest"}]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.closedloop import ClosedLoop
-from tests.deploy_files import compose_model
-from tests.deploy_native import NginxProcess, wait_until
-from tests.serverproc import REPO_ROOT, ServerProcess, free_port
+from tests.helpers.closedloop import ClosedLoop
+from tests.helpers.deploy_files import compose_model
+from tests.helpers.deploy_native import NginxProcess, wait_until
+from tests.helpers.server import REPO_ROOT, ServerProcess
 
 OK_CALLS = {"model": "multi_input", "method": "PredictMultiInput", "code": "OK"}
 
@@ -29,12 +29,13 @@ DRAIN_SETTINGS = {
 
 
 class Replicas:
-    """Two servers on fixed gRPC ports (nginx's upstream names them), restartable one at a time."""
+    """Two servers, restartable one at a time: each first binds port 0, and a restart takes that port back (nginx's
+    upstream names it)."""
 
     def __init__(self, repository: Path) -> None:
         self.repository = repository
-        self.ports = [free_port(), free_port()]
-        self.servers = [self._start(port) for port in self.ports]
+        self.servers = [self._start(0), self._start(0)]
+        self.ports = [server.port for server in self.servers]
 
     def _start(self, port: int) -> ServerProcess:
         server = ServerProcess(self.repository, ["--grpc-port", str(port)], env=DRAIN_SETTINGS)
@@ -95,10 +96,6 @@ def nginx(replicas: Replicas, tmp_path_factory: pytest.TempPathFactory) -> Itera
         process.stop()
 
 
-def test_replicas_run_with_the_compose_drain_settings() -> None:
-    assert set(DRAIN_SETTINGS) == {"MODELSERVER_SHUTDOWN_DELAY", "MODELSERVER_GRACE_PERIOD"}
-
-
 def test_replicas_load_the_exported_models_without_exporting(replicas: Replicas) -> None:
     for server in replicas.servers:
         assert "exported" not in server.log_text()
@@ -145,7 +142,8 @@ def test_rolling_restart_under_load(nginx: NginxProcess, replicas: Replicas) -> 
     finally:
         plain_codes, retrying_codes = plain.stop(), retrying.stop()
     print(f"rolling restart through nginx: no retry {dict(plain_codes)}; with retries {dict(retrying_codes)}")
-    assert plain_codes["OK"] > 1000 and retrying_codes["OK"] > 500, (plain_codes, retrying_codes)
+    # Both loads ran before the restarts (the wait above) and reached each restarted replica (wait_for_calls).
+    assert plain_codes["OK"] >= 200 and retrying_codes["OK"] >= 100, (plain_codes, retrying_codes)
     assert retrying.failures == [], f"retrying callers saw failures: {sorted(set(retrying.failures))[:5]}"
     assert set(plain_codes) <= {"OK", "UNAVAILABLE"}, dict(plain_codes)  # never CANCELLED, never an error
     made_on_the_way = [f for f in plain.failures if any(marker in f for marker in TRANSPORT_FAILURES)]

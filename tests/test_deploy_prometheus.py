@@ -19,8 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.loadtest import LoadTestConfig, run_loadtest
-from tests.deploy_native import DASHBOARD, PrometheusProcess, prometheus_config_for_loopback, wait_until
-from tests.serverproc import REPO_ROOT, ServerProcess
+from tests.helpers.deploy_native import DASHBOARD, PrometheusProcess, prometheus_config_for_loopback, wait_until
+from tests.helpers.server import REPO_ROOT, ServerProcess
 
 # Grafana's variables as one replica's dashboard would resolve them; the model is the one the traffic used.
 VARIABLES = {"$model": "multi_input", "$instance": ".*", "$__rate_interval": "1m"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.serverproc import REPO_ROOT
+from tests.helpers.server import REPO_ROOT
 
 
 def test_generated_code_is_up_to_date(tmp_path):

@@ -18,7 +18,7 @@ import pytest
 from clients.cli import main as cli_main
 from clients.client import TYPED_MODELS
 from clients.loadtest import CLIENT_OVERLOAD, LoadTestConfig, LoadTestResult, build_request, run_loadtest
-from tests.serverproc import REPO_ROOT, ServerProcess
+from tests.helpers.server import REPO_ROOT, ServerProcess
 
 
 def served(server: ServerProcess, model: str, code: str = "OK") -> float:
@@ -104,13 +104,14 @@ def test_open_loop_counts_what_it_could_not_send(server: ServerProcess) -> None:
 
 
 def test_a_silent_server_hits_the_deadline_and_the_open_loop_cap() -> None:
-    """A socket that never answers: the calls in flight end at their deadline, the rest are not sent."""
+    """A socket that never answers: the calls in flight end at their deadline, the rest are not sent. All ten are
+    due within 10 ms, long before the first two calls' 3 s deadline frees a slot."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         target = f"127.0.0.1:{silent.getsockname()[1]}"
         config = LoadTestConfig(
-            target=target, model="multi_input", rate=1000, requests=10, max_outstanding=2, timeout=1
+            target=target, model="multi_input", rate=1000, requests=10, max_outstanding=2, timeout=3
         )
         result = asyncio.run(run_loadtest(config))
     assert result.ok == 0 and result.requests == 10

@@ -12,17 +12,13 @@ import pytest
 from models.registry import BUILTIN_MODELS
 from server import repository
 from server.runtime import ModelRuntime
+from tests.helpers.models import random_inputs
 
 EXPECTED_SIGNATURES = {
     "multi_input": ({"input_a": (10,), "input_b": (20,)}, {"output": (1,)}),
     "shared_layer": ({"input_a": (10,), "input_b": (20,)}, {"output_a": (1,), "output_b": (1,)}),
     "residual_cnn": ({"image": (28, 28, 1)}, {"probabilities": (10,)}),
 }
-
-
-def random_inputs(model, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {t.name: rng.random((rows, *t.shape[1:]), dtype=np.float32) for t in model.inputs}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SIGNATURES))

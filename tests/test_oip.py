@@ -13,7 +13,7 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.serverproc import ServerProcess
+from tests.helpers.server import ServerProcess
 
 RNG = np.random.default_rng(7)
 

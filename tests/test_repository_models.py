@@ -28,7 +28,7 @@ from tensorflow_serving.apis import (
 
 from clients.client import ModelServerClient
 from modelserver.v1 import modelserver_pb2, modelserver_pb2_grpc
-from tests.serverproc import REPO_ROOT, ServerProcess
+from tests.helpers.server import REPO_ROOT, ServerProcess
 
 BATCH = 3  # multi_input's max_batch_size here: one request per protocol fills a batch
 

@@ -20,7 +20,7 @@ from clients import cli
 from clients.client import ModelServerClient, tls_credentials
 from clients.loadtest import LoadTestConfig, run_loadtest
 from server.settings import parse_settings
-from tests.serverproc import ServerProcess
+from tests.helpers.server import ServerProcess
 
 TOKEN = "s3cret-token-for-tests"
 

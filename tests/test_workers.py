@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import time
@@ -19,25 +18,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from modelserver.v1 import modelserver_pb2 as pb
 from server.settings import parse_settings
 from server.workers import reserve_port, worker_count
-from tests.serverproc import ServerProcess
-from tests.test_api import keras_outputs
-from tests.test_models import random_inputs
-from tests.test_reliability import drain_round
+from tests.helpers.drain import CALLERS, drain_round
+from tests.helpers.models import keras_outputs, random_inputs
+from tests.helpers.server import ServerProcess
 
 CHANNELS = 16  # separate connections: the kernel spreads connections, not calls, over the workers
 CALLS_PER_CHANNEL = 20
 PREDICT = "/modelserver.v1.ModelService/PredictMultiInput"
 # Its own subchannel pool: channels with equal options would otherwise share one connection (one worker).
 SEPARATE = [("grpc.use_local_subchannel_pool", 1)]
-PIDS = re.compile(r"SERVING with (\d+) workers \(pids ([\d ]+)\)")
 
 
-def _start(repository, *args: str) -> ServerProcess:
-    """A server with two workers, once the supervisor says all are SERVING: health turns SERVING as soon as the
-    worker a probe reaches is ready, possibly before the other one (README, Workers)."""
-    process = ServerProcess(repository, ["--workers", "2", *args])
+def _start(repository, *args: str, holds: bool = False) -> ServerProcess:
+    """A server with two workers, once both serve (the supervisor's modelserver_workers_serving): health turns
+    SERVING as soon as the worker a probe reaches is ready, possibly before the other one (README, Workers)."""
+    process = ServerProcess(repository, ["--workers", "2", *args], holds=holds)
     deadline = time.monotonic() + 180
-    while not PIDS.search(process.log_text()):
+    while process.metric("modelserver_workers_serving") < 2:
         assert process.process.poll() is None, process.log_text()
         assert time.monotonic() < deadline, process.log_text()
         time.sleep(0.05)
@@ -46,9 +43,9 @@ def _start(repository, *args: str) -> ServerProcess:
 
 
 def _worker_pids(server: ServerProcess) -> list[int]:
-    match = PIDS.search(server.log_text())
-    assert match, server.log_text()
-    return [int(pid) for pid in match.group(2).split()]
+    """The workers' pids, from the supervisor's port file."""
+    assert len(server.server_pids) == 2 and server.process.pid not in server.server_pids, server.server_pids
+    return server.server_pids
 
 
 def _alive(pid: int) -> bool:
@@ -69,7 +66,7 @@ def _wait_gone(pids: list[int], timeout: float = 30) -> None:
 @pytest.fixture(scope="module")
 def workers(server, model_repository) -> Iterator[ServerProcess]:
     """Two workers on the repository the session's server exported (so nothing is exported again)."""
-    process = _start(model_repository, "--grace-period", "20")
+    process = _start(model_repository, "--grace-period", "20", holds=True)
     try:
         yield process
     finally:
@@ -99,7 +96,6 @@ def test_the_port_is_reserved_for_the_workers_and_a_port_in_use_is_an_error():
 
 
 def test_every_worker_serves_correct_predictions_and_one_scrape_counts_them_all(workers, keras_models):
-    assert "SERVING with 2 workers" in workers.log_text()
     assert workers.metric("modelserver_workers") == 2
     model = keras_models["multi_input"]
     channels = [grpc.insecure_channel(workers.target, options=SEPARATE) for _ in range(CHANNELS)]
@@ -140,14 +136,11 @@ def test_sigterm_under_load_drains_every_worker_and_exits_zero(workers):
     pids = _worker_pids(workers)
     request = pb.PredictMultiInputRequest(input_a=[0.25] * 10, input_b=[0.5] * 20)
     outcomes, _ = asyncio.run(drain_round(workers, request, expected=float("nan"), channels=CHANNELS))
+    # 0 only when every worker drained and exited by itself (server/workers.py, _on_exit).
     assert workers.process.wait(60) == 0, workers.log_text()
-    assert {code for when, code in outcomes if when == "before"} == {"OK"}, outcomes
+    before = {(code, n) for (when, code), n in outcomes.items() if when == "before"}
+    assert before == {("OK", CALLERS)}, outcomes
     assert {code for when, code in outcomes if when == "after"} <= {"OK", "UNAVAILABLE"}, outcomes
-    assert outcomes[("before", "OK")] > 0, outcomes
-    log = workers.log_text()
-    for index, pid in enumerate(pids):
-        assert f"worker {index} (pid {pid}) stopped" in log
-        assert f"[worker {index} pid {pid}] server.app: shutting down: refusing new requests" in log
     _wait_gone(pids)
 
 

@@ -20,12 +20,20 @@ from typing import Any
 
 import yaml
 
-from tests.serverproc import REPO_ROOT, free_port
+from tests.helpers.server import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 NGINX_CONFIG = DEPLOY / "nginx" / "nginx.conf"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "modelserver.json"
+
+
+def free_port() -> int:
+    """A loopback port free right now, for Prometheus and nginx, which cannot tell us what a port-0 bind picked
+    (our own servers bind port 0 and report it in their port file)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tool(name: str) -> str:

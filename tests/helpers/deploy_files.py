@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tests.serverproc import REPO_ROOT
+from tests.helpers.server import REPO_ROOT
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 COMPOSE_OVERRIDES = {
