@@ -135,7 +135,9 @@ def test_every_worker_serves_correct_predictions_and_one_scrape_counts_them_all(
 def test_sigterm_under_load_drains_every_worker_and_exits_zero(workers):
     pids = _worker_pids(workers)
     request = pb.PredictMultiInputRequest(input_a=[0.25] * 10, input_b=[0.5] * 20)
-    outcomes, _ = asyncio.run(drain_round(workers, request, expected=float("nan"), channels=CHANNELS))
+    outcomes, _ = asyncio.run(
+        drain_round(workers, request, expected=float("nan"), channels=CHANNELS, stop_when_refused=True)
+    )
     # 0 only when every worker drained and exited by itself (server/workers.py, _on_exit).
     assert workers.process.wait(60) == 0, workers.log_text()
     before = {(code, n) for (when, code), n in outcomes.items() if when == "before"}

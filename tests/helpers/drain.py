@@ -36,6 +36,7 @@ async def drain_round(
     expected: float,
     channels: int = 1,
     callers: int = CALLERS,
+    stop_when_refused: bool = False,
 ) -> tuple[Outcomes, list[float]]:
     """`callers` closed-loop callers over `channels` connections, SIGTERM, and every call recorded as (sent
     before/after the signal, code), with every OK answer that differs from `expected`.
@@ -45,7 +46,11 @@ async def drain_round(
     so those calls, and only those, were sent before the signal and are known to be accepted work. The model is
     released only once the draining server refuses a new call ("shutting down"), so the drain is seen waiting
     for accepted work while it already refuses new work. Without holds (a benchmark), the callers run for a
-    second before the signal, and what counts as "before" depends on when each call reached the server."""
+    second before the signal, and what counts as "before" depends on when each call reached the server.
+
+    `stop_when_refused`: a caller stops at its first UNAVAILABLE after the signal, as one that goes elsewhere
+    would. With --workers, a caller that keeps sending reconnects to a sibling worker that may be closing its
+    listener at that instant, and gRPC cancels a call sent in that instant (README, Health and shutdown)."""
     outcomes: Outcomes = collections.Counter()
     wrong: list[float] = []
     signalled: float | None = None
@@ -71,6 +76,8 @@ async def drain_round(
             except grpc.aio.AioRpcError as error:
                 record(when, error.code().name, None)
                 if server.process.poll() is not None:
+                    return
+                if stop_when_refused and when == "after" and error.code() == grpc.StatusCode.UNAVAILABLE:
                     return
 
     async def probe(predict: grpc.aio.UnaryUnaryMultiCallable) -> None:
