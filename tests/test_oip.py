@@ -79,16 +79,17 @@ def test_requested_outputs_only_are_returned(triton_client, keras_models):
     np.testing.assert_allclose(result.as_numpy("output_b"), expected[1], atol=1e-5)
 
 
-def test_typed_contents_are_answered_typed(server, keras_models):
-    """JSON-style typed contents (fp32_contents) instead of raw bytes: the reply comes typed too."""
+def test_typed_contents_are_answered_raw_as_triton_answers(server, keras_models):
+    """Typed contents (fp32_contents) instead of raw bytes: the reply is raw all the same, as Triton's, so that
+    tritonclient's InferResult.as_numpy (which reads only raw_output_contents) reads it."""
     image = RNG.random((2, 28, 28, 1), dtype=np.float32)
     request = service_pb2.ModelInferRequest(model_name="residual_cnn", id="typed")
     tensor = request.inputs.add(name="image", datatype="FP32", shape=image.shape)
     tensor.contents.fp32_contents.extend(image.ravel().tolist())
     response = service_pb2_grpc.GRPCInferenceServiceStub(server.channel).ModelInfer(request, timeout=30)
-    assert not response.raw_output_contents and response.id == "typed"
-    (output,) = response.outputs
-    got = np.array(output.contents.fp32_contents, dtype=np.float32).reshape(tuple(output.shape))
+    assert len(response.raw_output_contents) == 1 and response.id == "typed"
+    assert not response.outputs[0].HasField("contents")
+    got = triton.InferResult(response).as_numpy("probabilities")
     np.testing.assert_allclose(got, keras_models["residual_cnn"].predict(image, verbose=0), atol=1e-5)
 
 
@@ -124,6 +125,10 @@ def _error(call) -> InferenceServerException:
 def test_unknown_model_is_not_found(triton_client):
     error = _error(lambda: triton_client.infer("nope", _inputs(_multi_input_rows(1))))
     assert error.status() == "StatusCode.NOT_FOUND" and "no model named 'nope'" in error.message()
+    assert error.message().startswith("Request for unknown model: ")  # Triton's words, which its clients look for
+    error = _error(lambda: triton_client.get_model_config("multi_input", "7"))
+    assert error.status() == "StatusCode.NOT_FOUND" and "Request for unknown model" in error.message()
+    assert "no loaded version 7" in error.message()
 
 
 def test_a_huge_model_name_is_cut_in_the_message(triton_client):
@@ -175,11 +180,27 @@ def test_malformed_stream_message_is_answered_on_the_stream(server):
     assert "inference.ModelInferRequest" in response.error_message
 
 
-def test_unsupported_extension_is_unimplemented(server):
-    stub = service_pb2_grpc.GRPCInferenceServiceStub(server.channel)
-    with pytest.raises(grpc.RpcError) as caught:
-        stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), timeout=5)
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+@pytest.mark.parametrize(
+    ("call", "extension", "method"),
+    [
+        (lambda c: c.get_model_repository_index(), "model_repository", "RepositoryIndex"),
+        (lambda c: c.load_model("multi_input"), "model_repository", "RepositoryModelLoad"),
+        (lambda c: c.unload_model("multi_input"), "model_repository", "RepositoryModelUnload"),
+        (lambda c: c.get_system_shared_memory_status(), "system_shared_memory", "SystemSharedMemoryStatus"),
+        (lambda c: c.register_system_shared_memory("r", "/k", 8), "system_shared_memory", "SystemSharedMemoryRegister"),
+        (lambda c: c.unregister_cuda_shared_memory(), "cuda_shared_memory", "CudaSharedMemoryUnregister"),
+        (lambda c: c.get_trace_settings(), "trace", "TraceSetting"),
+        (lambda c: c.get_log_settings(), "logging", "LogSettings"),
+    ],
+)
+def test_extensions_not_offered_are_unimplemented_with_a_reason(server, triton_client, call, extension, method):
+    """Not gRPC's bare "Method not found!": the extension, what to do instead, and what is offered; counted."""
+    before = server.metric("modelserver_requests_total", method=method, code="UNIMPLEMENTED")
+    error = _error(lambda: call(triton_client))
+    assert error.status() == "StatusCode.UNIMPLEMENTED"
+    assert f"{method} belongs to the '{extension}' extension" in error.message()
+    assert "Extensions offered: model_configuration, statistics" in error.message()
+    assert server.metric("modelserver_requests_total", method=method, code="UNIMPLEMENTED") == before + 1
 
 
 @pytest.mark.parametrize("protocol", ["oip", "oip-stream"])
