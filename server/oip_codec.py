@@ -64,7 +64,12 @@ REQUEST_PARAMETERS = {
     "triton_enable_empty_final_response": "accepted; each response is final and says so (triton_final_response)",
 }
 INPUT_PARAMETERS = {"binary_data_size": "ignored (HTTP/REST framing)"}
-OUTPUT_PARAMETERS = {"binary_data": "ignored: replies are always raw (raw_output_contents)"}
+OUTPUT_PARAMETERS = {
+    "binary_data": "ignored: replies are always raw (raw_output_contents)",
+    "classification": "an int64 > 0: the output's top classes, as BYTES 'score:index' (no labels)",
+}
+# Datatypes Triton's classification extension ranks (not BOOL, BYTES, FP16 or BF16).
+_CLASSIFIABLE = ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64")
 
 
 def datatype_of(dtype: np.dtype) -> str:
@@ -266,16 +271,61 @@ def requested_outputs(model: str, specs: Mapping[str, TensorSpec], request: pb.M
     return names
 
 
+def classification_counts(model: str, specs: Mapping[str, TensorSpec], request: pb.ModelInferRequest) -> dict[str, int]:
+    """The outputs asked for as classifications (Triton's classification extension: the output parameter
+    'classification'), each with how many top classes, checked before the model runs."""
+    counts = {}
+    for output in request.outputs:
+        if "classification" not in output.parameters:
+            continue
+        parameter = output.parameters["classification"]
+        where = f"model '{model}' output {quoted(output.name)}"
+        kind = parameter.WhichOneof("parameter_choice")
+        if kind != "int64_param" or parameter.int64_param <= 0:
+            got = f"int64_param {parameter.int64_param}" if kind == "int64_param" else kind or "no value"
+            raise InvalidInputError(
+                f"invalid value for 'classification' parameter, expected an int64_param > 0: {where} got {got}"
+            )
+        datatype = _NAMES.get(specs[output.name].dtype) if output.name in specs else None
+        if datatype is not None and datatype not in _CLASSIFIABLE:
+            raise InvalidInputError(
+                f"class result not available for output due to unsupported type '{datatype}': {where} can be "
+                f"classified when its datatype is one of {', '.join(_CLASSIFIABLE)}"
+            )
+        counts[output.name] = parameter.int64_param
+    return counts
+
+
+def classify(array: np.ndarray, count: int, batched: bool) -> np.ndarray:
+    """The top `count` classes of each row (of the whole tensor for a model without a batch dimension), highest
+    score first, as Triton writes them: b"<score>:<index>" with the score as C's "%f" (integers as integers)."""
+    rows = array.reshape(len(array), -1) if batched else array.reshape(1, -1)
+    k = min(count, rows.shape[1])
+    number = "{:f}" if array.dtype.kind == "f" else "{:d}"
+    classes = np.empty((len(rows), k), dtype=object)
+    for r, row in enumerate(rows.tolist()):
+        top = sorted(range(len(row)), key=lambda i: row[i], reverse=True)[:k]  # stable: ties keep index order
+        classes[r] = [f"{number.format(row[i])}:{i}".encode() for i in top]
+    return classes if batched else classes[0]
+
+
 def encode_response(
-    request: pb.ModelInferRequest, model: str, version: int, outputs: Mapping[str, np.ndarray], names: Iterable[str]
+    request: pb.ModelInferRequest,
+    model: str,
+    version: int,
+    outputs: Mapping[str, np.ndarray],
+    names: Iterable[str],
+    classes: Mapping[str, int] | None = None,
+    batched: bool = True,
 ) -> pb.ModelInferResponse:
     """The reply: the named outputs in raw_output_contents (one entry per output, in order), whether the request
-    came raw or typed, as Triton answers."""
+    came raw or typed, as Triton answers; an output asked for as a classification (`classes`) is its top classes."""
     response = pb.ModelInferResponse(model_name=model, model_version=str(version), id=request.id)
     if "triton_enable_empty_final_response" in request.parameters:
         response.parameters["triton_final_response"].bool_param = True
+    classes = classes or {}
     for name in names:
-        array = outputs[name]
+        array = outputs[name] if name not in classes else classify(outputs[name], classes[name], batched)
         datatype = datatype_of(array.dtype)
         response.outputs.add(name=name, datatype=datatype, shape=array.shape)
         if datatype == "BYTES":

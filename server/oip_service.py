@@ -32,7 +32,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 MAX_STREAM_IN_FLIGHT = 1024
 DRAIN_POLL_SECONDS = 0.05
 # The extensions ServerMetadata lists, in Triton's names.
-EXTENSIONS = ("model_configuration", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "statistics")
 
 
 @contextlib.contextmanager
@@ -176,8 +176,9 @@ class OipService:
             runtime = self._core.resolve(name, version)
         oip.check_datatypes(name, runtime.inputs, request)
         outputs = oip.requested_outputs(name, runtime.outputs, request)
+        classes = oip.classification_counts(name, runtime.outputs, request)
         result = await self._core.infer(name, runtime.version, oip.decode_inputs(name, request), deadline)
-        return oip.encode_response(request, name, result.version, result.outputs, outputs)
+        return oip.encode_response(request, name, result.version, result.outputs, outputs, classes, runtime.batched)
 
     # Extensions we do not offer: a clear UNIMPLEMENTED instead of gRPC's "Method not found!".
     RepositoryIndex = _not_offered("RepositoryIndex", *_REPOSITORY)
@@ -273,7 +274,9 @@ class OipService:
             code, message = to_status(error)
             echo = pb.ModelInferResponse()
             if isinstance(request, pb.ModelInferRequest):
-                echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                echo = pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                )
             return pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=echo)
         finally:
             REQUESTS.labels(label, "ModelStreamInfer", code.name).inc()

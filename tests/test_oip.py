@@ -93,6 +93,22 @@ def test_typed_contents_are_answered_raw_as_triton_answers(server, keras_models)
     np.testing.assert_allclose(got, keras_models["residual_cnn"].predict(image, verbose=0), atol=1e-5)
 
 
+def test_classification_gives_the_top_classes_per_row_as_triton_writes_them(triton_client, keras_models):
+    """tritonclient's InferRequestedOutput(class_count=k) (Triton's classification extension): per row, the k highest
+    scores, highest first, as BYTES 'score:index' with the score in C's %f."""
+    image = RNG.random((2, 28, 28, 1), dtype=np.float32)
+    output = triton.InferRequestedOutput("probabilities", class_count=3)
+    result = triton_client.infer("residual_cnn", _inputs({"image": image}), outputs=[output])
+    classes = result.as_numpy("probabilities")
+    assert classes.shape == (2, 3) and result.get_response().outputs[0].datatype == "BYTES"
+    expected = keras_models["residual_cnn"].predict(image, verbose=0)
+    for row, want in zip(classes, expected, strict=True):
+        scores, indices = zip(*(item.decode().split(":") for item in row), strict=True)
+        assert [int(i) for i in indices] == list(np.argsort(-want)[:3])
+        assert all(len(score.split(".")[1]) == 6 for score in scores)  # %f
+        np.testing.assert_allclose([float(score) for score in scores], np.sort(want)[::-1][:3], atol=1e-5)
+
+
 def test_stream_answers_many_requests_with_their_ids(triton_client, keras_models):
     answers: queue.Queue = queue.Queue()
     triton_client.start_stream(callback=lambda result, error: answers.put((result, error)))
@@ -199,7 +215,7 @@ def test_extensions_not_offered_are_unimplemented_with_a_reason(server, triton_c
     error = _error(lambda: call(triton_client))
     assert error.status() == "StatusCode.UNIMPLEMENTED"
     assert f"{method} belongs to the '{extension}' extension" in error.message()
-    assert "Extensions offered: model_configuration, statistics" in error.message()
+    assert "Extensions offered: classification, model_configuration, statistics" in error.message()
     assert server.metric("modelserver_requests_total", method=method, code="UNIMPLEMENTED") == before + 1
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -100,7 +101,9 @@ def stock_server(server, model_repository, tmp_path_factory, stock_models):
         shutil.copytree(folder / name, repository / name)
     (repository / "broken_model" / "1").mkdir(parents=True)
     (repository / "broken_model" / "1" / "saved_model.pb").write_bytes(b"this is not a SavedModel")
-    process = ServerProcess(repository)
+    # densenet_like would batch 2 rows, waiting up to 20 s for them, if it were batched at all.
+    batching = "densenet_like:policy=fixed,batch_timeout=20,max_batch_size=2"
+    process = ServerProcess(repository, ["--model-batching", batching])
     try:
         process.wait_serving()
         process.repository = repository
@@ -251,6 +254,29 @@ def test_a_model_without_a_batch_dimension_is_served_unbatched(stock_server, tf_
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["fc6_1"]), want, rtol=1e-6)
 
 
+def test_classification_of_an_unbatched_model_as_the_image_client_asks(oip, stock_models):
+    """grpc_image_client.py's request: raw input of the model's whole shape, its output asked for with the
+    'classification' parameter; its reply is read as it reads it (one BYTES entry, reshaped to the output's shape)."""
+    image = np.random.default_rng(5).random((3, 8, 8), dtype=np.float32)
+    request = service_pb2.ModelInferRequest(model_name="densenet_like")
+    request.inputs.add(name="data_0", datatype="FP32", shape=[3, 8, 8])
+    request.raw_input_contents.append(image.tobytes())
+    output = request.outputs.add(name="fc6_1")
+    output.parameters["classification"].int64_param = 4
+    response = oip.ModelInfer(request, timeout=30)
+    assert len(response.raw_output_contents) == 1 and list(response.outputs[0].shape) == [4]
+    classes = deserialize_bytes_tensor(response.raw_output_contents[0]).reshape(tuple(response.outputs[0].shape))
+    scores = expected(stock_models[1]["densenet_like"], data_0=image)["fc6_1"].ravel()
+    assert [int(c.split(b":")[1]) for c in classes] == list(np.argsort(-scores)[:4])
+    np.testing.assert_allclose([float(c.split(b":")[0]) for c in classes], np.sort(scores)[::-1][:4], atol=1e-5)
+
+    output.parameters["classification"].int64_param = 0
+    with pytest.raises(grpc.RpcError) as caught:
+        oip.ModelInfer(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "invalid value for 'classification' parameter" in caught.value.details()
+
+
 def test_a_batch_dimension_sent_to_an_unbatched_model_is_refused(stock_server):
     with triton.InferenceServerClient(stock_server.target) as client:
         tensor = triton.InferInput("data_0", [1, 3, 8, 8], "FP32")
@@ -260,6 +286,25 @@ def test_a_batch_dimension_sent_to_an_unbatched_model_is_refused(stock_server):
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "shape [3, 8, 8], got shape [1, 3, 8, 8]" in caught.value.message()
     assert "no batch dimension" in caught.value.message()
+
+
+def test_requests_for_an_unbatched_model_are_never_joined(stock_server, stock_models):
+    """densenet_like is set to batch 2 rows with a 20 s timeout (policy fixed): were its requests joined, two sent at
+    once would make one model call of 2 rows, which the model cannot take. Each is its own call instead."""
+    images = np.random.default_rng(6).random((2, 3, 8, 8), dtype=np.float32)
+    calls = stock_server.metric("modelserver_batch_size_rows_count", model="densenet_like")
+
+    def infer(image):
+        with triton.InferenceServerClient(stock_server.target) as client:
+            tensor = triton.InferInput("data_0", [3, 8, 8], "FP32")
+            tensor.set_data_from_numpy(image)
+            return client.infer("densenet_like", [tensor], client_timeout=30).as_numpy("fc6_1")
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(infer, images))
+    for image, result in zip(images, results, strict=True):
+        np.testing.assert_allclose(result, expected(stock_models[1]["densenet_like"], data_0=image)["fc6_1"], rtol=1e-6)
+    assert stock_server.metric("modelserver_batch_size_rows_count", model="densenet_like") == calls + 2
 
 
 def test_outputs_that_do_not_follow_the_rows_make_a_model_unbatched(stock_server, stock_models):
