@@ -18,7 +18,7 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
 
-from server.errors import InvalidInputError, ModelNotFoundError, quoted
+from server.errors import MAX_ECHOED_CHARS, InvalidInputError, ModelNotFoundError, quoted
 from server.tensors import TensorSpec
 
 SIGNATURE = "serving_default"
@@ -44,6 +44,11 @@ _DTYPES: dict[int, tuple[np.dtype, str]] = {
 _ENUMS = {dtype: enum for enum, (dtype, _) in _DTYPES.items()}
 
 
+def shown(name: str) -> str:
+    """A caller-supplied name as TF Serving's messages show it (unquoted), cut like every echoed string."""
+    return name if len(name) <= MAX_ECHOED_CHARS else f"{name[:MAX_ECHOED_CHARS]}..."
+
+
 def dtype_enum(dtype: np.dtype) -> int:
     return _ENUMS.get(dtype, types_pb2.DT_INVALID)
 
@@ -65,8 +70,8 @@ def version_of(model: str, spec: model_pb2.ModelSpec) -> int:
 def check_signature(model: str, spec: model_pb2.ModelSpec) -> None:
     if spec.signature_name not in ("", SIGNATURE):
         raise InvalidInputError(
-            f"Serving signature key {quoted(spec.signature_name)} not found: model '{model}' has no signature "
-            f"{quoted(spec.signature_name)}; its signature is '{SIGNATURE}'"
+            f'Serving signature key "{shown(spec.signature_name)}" not found: '
+            f"model '{model}' has no signature {quoted(spec.signature_name)}; its signature is '{SIGNATURE}'"
         )
 
 

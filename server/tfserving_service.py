@@ -23,7 +23,7 @@ from tensorflow_serving.apis import (
 )
 
 from server import tfserving_codec as tfs
-from server.errors import MAX_ECHOED_CHARS, InvalidInputError, ModelNotFoundError, quoted_list
+from server.errors import InvalidInputError, ModelNotFoundError, quoted_list
 from server.inference import InferenceService
 from server.metrics import REQUESTS
 from server.rpc import deadline_of, rpc
@@ -50,14 +50,9 @@ def _tf_serving_words(phrase: str) -> Iterator[None]:
         raise ModelNotFoundError(f"{phrase}: {error}") from None
 
 
-def _cut(name: str) -> str:
-    """A caller-supplied name unquoted, as TF Serving shows it, but cut like every echoed string."""
-    return name if len(name) <= MAX_ECHOED_CHARS else f"{name[:MAX_ECHOED_CHARS]}..."
-
-
 def _servable(name: str, version: int) -> str:
     """TF Serving's ServableRequest::DebugString, which its NOT_FOUND messages show."""
-    request = f"Specific({_cut(name)}, {version})" if version else f"Latest({_cut(name)})"
+    request = f"Specific({tfs.shown(name)}, {version})" if version else f"Latest({tfs.shown(name)})"
     return f"Servable not found for request: {request}"
 
 
@@ -128,9 +123,9 @@ class ModelService(_Labels):
         spec = request.model_spec
         version = tfs.version_of(spec.name, spec)
         if version:
-            phrase = f"Could not find version {version} of model {_cut(spec.name)}"
+            phrase = f"Could not find version {version} of model {tfs.shown(spec.name)}"
         else:
-            phrase = f"Could not find any versions of model {_cut(spec.name)}"
+            phrase = f"Could not find any versions of model {tfs.shown(spec.name)}"
         with _tf_serving_words(phrase):
             summary = self._core.summary(spec.name)
             if summary.state == "failed":

@@ -115,7 +115,7 @@ def test_get_model_status_reports_the_served_version(server):
             {"signature_name": "other"},
             {},
             grpc.StatusCode.INVALID_ARGUMENT,
-            "Serving signature key 'other' not found: model 'multi_input' has no signature 'other'",
+            "Serving signature key \"other\" not found: model 'multi_input' has no signature 'other'",
         ),
         (
             "multi_input",
