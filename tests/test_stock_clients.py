@@ -26,6 +26,7 @@ import pytest
 import tensorflow as tf
 import tritonclient.grpc as triton
 from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
     predict_pb2,
@@ -252,6 +253,14 @@ def test_a_model_without_a_batch_dimension_is_served_unbatched(stock_server, tf_
     response = tf_serving.Predict(request, timeout=30)
     np.testing.assert_allclose(np.array(response.outputs["fc6_1"].float_val), want.ravel(), rtol=1e-6)
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["fc6_1"]), want, rtol=1e-6)
+
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "densenet_like"
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    tf_serving.GetModelMetadata(request, timeout=10).metadata["signature_def"].Unpack(signatures)
+    signature = signatures.signature_def["serving_default"]
+    assert [d.size for d in signature.inputs["data_0"].tensor_shape.dim] == [3, 8, 8]
+    assert [d.size for d in signature.outputs["fc6_1"].tensor_shape.dim] == [10, 1, 1]
 
 
 def test_classification_of_an_unbatched_model_as_the_image_client_asks(oip, stock_models):
