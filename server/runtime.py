@@ -29,7 +29,9 @@ def _dims(tf_spec: object) -> tuple[int | None, ...] | None:
 
 def _spec(name: str, tf_spec: object, batched: bool) -> TensorSpec:
     """The shape without the rows dimension for a batched model; the whole shape for an unbatched one."""
-    dims = _dims(tf_spec) or ()
+    dims = _dims(tf_spec)
+    if dims is None:
+        raise ValueError(f"the signature gives '{name}' a shape of unknown rank; serving needs every tensor's rank")
     return TensorSpec(name=name, dtype=np.dtype(tf_spec.dtype.as_numpy_dtype), shape=dims[1:] if batched else dims)  # type: ignore[attr-defined]
 
 
@@ -62,11 +64,12 @@ def load_failure(name: str, version: int, path: Path, error: BaseException) -> s
 class ModelRuntime:
     """One version of one model, loaded with tf.saved_model.load and called through its signature.
 
-    A model is batched when its inputs' first dimension is the rows of a request (any size, and its outputs
-    follow it): shapes in `inputs`/`outputs` then leave that dimension out. A model whose signature fixes the
-    first dimension (an input of shape [3, 224, 224], Triton's max_batch_size 0) is unbatched: its specs hold
-    the whole shapes, each request is one call of the model, and `predict` takes and returns arrays with a
-    leading axis of one row, the form the core validates and runs (see `as_one_row`).
+    A model is batched when the first dimension of its inputs is the rows of a request: of any size in the
+    signature, and followed by every output (static shapes, then one call of PROBE_ROWS rows at load). Its specs
+    in `inputs`/`outputs` leave that dimension out. Any other model is unbatched (Triton's max_batch_size 0; an
+    input of shape [3, 224, 224], say): its specs hold the whole shapes, each request is one call of the model,
+    and `predict` takes and returns arrays with a leading axis of one row, the form in which the core validates
+    and runs every request (see `as_one_row`).
 
     Calls block (TensorFlow releases the GIL while it computes); the caller runs them off the event loop.
     """
@@ -87,6 +90,7 @@ class ModelRuntime:
         self._signature = self._loaded.signatures[SIGNATURE]
         _, input_specs = self._signature.structured_input_signature
         output_specs = self._signature.structured_outputs
+        self._cold = False  # warm-up was skipped (and logged)
         self.unbatched_reason = _static_batch_dimension(input_specs, output_specs)
         self.batched = not self.unbatched_reason
         self._set_specs(input_specs, output_specs)
@@ -155,12 +159,18 @@ class ModelRuntime:
     def warm_up(self, rows: int = 1) -> None:
         """Call the model once so the first real request does not pay for tracing and allocation."""
         if not self._can_make_inputs():
+            if self._cold:
+                return  # said once, not once per batch size
+            self._cold = True
             log.info(
                 "%s v%d: not warmed up: no made-up value suits its string inputs or inputs of variable size (%s); "
                 "the first request pays for the first call",
                 self.name,
                 self.version,
-                ", ".join(f"{n}: {s.describe()}" for n, s in self.inputs.items()),
+                ", ".join(
+                    f"{n}: {'string' if s.dtype == STRING else s.dtype.name} {list(s.shape)}"
+                    for n, s in self.inputs.items()
+                ),
             )
             return
         self.predict(self._zeros(rows if self.batched else 1))
