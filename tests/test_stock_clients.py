@@ -1,6 +1,6 @@
 """Stock clients, unmodified (issue 13): what Triton's and TF Serving's own example clients send and read, against
-our server with SavedModels shaped like the models those examples expect. Every test sends what the named
-example sends, reads the reply the way it reads it, and compares with the model's own outputs.
+our server with SavedModels shaped like the models those examples expect. A test that names an example sends what
+it sends and reads the reply the way it reads it; every value is compared with the model's own outputs.
 
 One server for the module: the built-in models (copied from the session's repository) and small models built here
 with tf.Module + tf.function:
@@ -57,7 +57,7 @@ def _string_sum_and_difference(INPUT0, INPUT1):
     return {"OUTPUT0": tf.strings.as_string(a + b), "OUTPUT1": tf.strings.as_string(a - b)}
 
 
-WEIGHTS = tf.constant(np.random.default_rng(13).standard_normal((10, 3)).astype(np.float32))
+WEIGHTS = np.random.default_rng(13).standard_normal((10, 3)).astype(np.float32)
 
 
 def _classify(data_0):
@@ -93,7 +93,8 @@ def expected(function, **inputs):
 
 
 @pytest.fixture(scope="module")
-def stock_server(server, model_repository, tmp_path_factory, stock_models):
+def stock_repository(server, model_repository, tmp_path_factory, stock_models):
+    """The built-in models (exported by the session's server), the models above, and `broken_model`."""
     repository = tmp_path_factory.mktemp("stock_repository")
     for name in ("multi_input", "shared_layer", "residual_cnn"):
         shutil.copytree(model_repository / name, repository / name)
@@ -102,12 +103,16 @@ def stock_server(server, model_repository, tmp_path_factory, stock_models):
         shutil.copytree(folder / name, repository / name)
     (repository / "broken_model" / "1").mkdir(parents=True)
     (repository / "broken_model" / "1" / "saved_model.pb").write_bytes(b"this is not a SavedModel")
+    return repository
+
+
+@pytest.fixture(scope="module")
+def stock_server(stock_repository):
     # densenet_like would batch 2 rows, waiting up to 20 s for them, if it were batched at all.
     batching = "densenet_like:policy=fixed,batch_timeout=20,max_batch_size=2"
-    process = ServerProcess(repository, ["--model-batching", batching])
+    process = ServerProcess(stock_repository, ["--model-batching", batching])
     try:
         process.wait_serving()
-        process.repository = repository
         yield process
     finally:
         process.kill()
@@ -353,10 +358,10 @@ def test_a_load_error_names_where_in_the_repository_not_the_servers_path(tmp_pat
 @pytest.mark.xfail(
     strict=True, reason="needs server/app.py's _load_model to raise runtime.load_failure(...) (issue 13's report)"
 )
-def test_clients_see_no_server_path_in_a_load_error(stock_server):
+def test_clients_see_no_server_path_in_a_load_error(stock_server, stock_repository):
     request = get_model_status_pb2.GetModelStatusRequest()
     request.model_spec.name = "broken_model"
     status = model_service_pb2_grpc.ModelServiceStub(stock_server.channel).GetModelStatus(request, timeout=10)
     message = status.model_version_status[0].status.error_message
     assert "<repository>/broken_model/1" in message
-    assert str(stock_server.repository) not in message and str(stock_server.repository.resolve()) not in message
+    assert str(stock_repository) not in message and str(stock_repository.resolve()) not in message
