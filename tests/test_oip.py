@@ -185,6 +185,16 @@ def test_statistics_count_requests_and_metrics_count_the_method(server, triton_c
     assert stats.inference_count >= 2 and stats.execution_count >= 1 and stats.inference_stats.success.count >= 1
 
 
+def test_a_stream_error_echoes_the_requests_id_model_and_version(server):
+    """As Triton's stream handler fills a failed response: the request's id, model name and version."""
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(server.channel)
+    request = service_pb2.ModelInferRequest(model_name="nope", model_version="3", id="e1")
+    (response,) = list(stub.ModelStreamInfer(iter([request]), timeout=10))
+    assert response.error_message.startswith("NOT_FOUND: Request for unknown model: no model named 'nope'")
+    echo = response.infer_response
+    assert (echo.id, echo.model_name, echo.model_version) == ("e1", "nope", "3")
+
+
 def test_malformed_stream_message_is_answered_on_the_stream(server):
     method = server.channel.stream_stream(
         "/inference.GRPCInferenceService/ModelStreamInfer",
