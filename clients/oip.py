@@ -1,8 +1,11 @@
 """Open Inference Protocol client pieces: call any model of the repository (names, datatypes and shapes from
 its ModelMetadata), and the requests and stream caller that the load tester uses against any OIP server.
 
-Tensors go raw (little-endian bytes in `raw_input_contents`), the protocol's compact form. The message
-classes are the stubs tritonclient ships; numpy <-> datatype conversions are tritonclient's public utils.
+Tensors go raw (little-endian bytes in `raw_input_contents`), the protocol's compact form; replies are read raw
+(what Triton and modelserver send) or typed (what some other servers send). A model whose ModelConfig says
+`max_batch_size: 0` has no batch dimension: its metadata shapes are whole, and a request is one input of that
+shape. The message classes are the stubs tritonclient ships; numpy <-> datatype conversions are tritonclient's
+public utils.
 """
 
 from __future__ import annotations
@@ -101,20 +104,27 @@ class OipClient:
 async def random_request(
     channel: grpc.aio.Channel, model: str, rows: int, version: str, seed: int, timeout: float, call_metadata: Any = None
 ) -> Any:
-    """A raw request of `rows` random rows for any OIP server's model, shaped from its ModelMetadata."""
+    """A raw request of `rows` random rows for any OIP server's model, shaped from its ModelMetadata; for a model
+    without a batch dimension (ModelConfig's max_batch_size 0), one input of its whole shape."""
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     request = pb.ModelMetadataRequest(name=model, version=version)
     metadata = await stub.ModelMetadata(request, timeout=timeout, metadata=call_metadata)
+    config_request = pb.ModelConfigRequest(name=model, version=version)
+    config = await stub.ModelConfig(config_request, timeout=timeout, metadata=call_metadata)
+    batched = config.config.max_batch_size > 0
+    if not batched and rows != 1:
+        raise InputError(f"model '{model}' has no batch dimension (max_batch_size 0): send 1 row per request")
     rng = np.random.default_rng(seed)
     arrays = {}
     for spec in metadata.inputs:
-        dims = list(spec.shape)[1:]
+        dims = list(spec.shape)[1:] if batched else list(spec.shape)
         if any(d < 0 for d in dims):
             raise InputError(f"model '{model}' input '{spec.name}' has dimensions of variable size {list(spec.shape)}")
+        shape = (rows, *dims) if batched else tuple(dims)
         if spec.datatype == "BYTES":
-            arrays[spec.name] = np.full((rows, *dims), b"x", dtype=object)
+            arrays[spec.name] = np.full(shape, b"x", dtype=object)
         else:
-            arrays[spec.name] = (rng.random((rows, *dims)) * 2).astype(triton_to_np_dtype(spec.datatype))
+            arrays[spec.name] = (rng.random(shape) * 2).astype(triton_to_np_dtype(spec.datatype))
     return build_request(model, arrays, version)
 
 

@@ -27,7 +27,7 @@ from server.hold import HoldPoints
 from server.inference import InferenceService
 from server.ports import write_port_file
 from server.rpc import add_service
-from server.runtime import ModelRuntime
+from server.runtime import ModelRuntime, load_failure
 from server.security import BearerTokenInterceptor
 from server.settings import Settings
 
@@ -60,9 +60,8 @@ def _load_model(
         if holds.folder is not None:
             runtime.before_call = functools.partial(holds.wait, "predict")
     except Exception as error:
-        raise RuntimeError(
-            f"cannot load model '{latest.name}' version {latest.version} from {latest.path}: {error}"
-        ) from error
+        log.error("cannot load model '%s' version %d from %s: %s", latest.name, latest.version, latest.path, error)
+        raise RuntimeError(load_failure(latest.name, latest.version, latest.path, error)) from error
     metrics.MODEL_LOAD_DURATION.labels(latest.name).set(time.perf_counter() - started)
     log.info(
         "loaded %s version %d from %s in %.2fs",

@@ -441,7 +441,8 @@ def _requests_at_least(tasks: deque[_Task], count: int) -> bool:
 
 
 def _batchable(runtime: ModelRuntime) -> bool:
-    return all(spec.values_per_row is not None for spec in runtime.inputs.values())
+    """Rows of different requests can be joined: the model has a batch dimension and inputs of fixed size."""
+    return runtime.batched and all(spec.values_per_row is not None for spec in runtime.inputs.values())
 
 
 def _execute(

@@ -22,10 +22,10 @@ def _floats(field: Any) -> np.ndarray:
     return np.fromiter(field, dtype=np.float32, count=len(field))
 
 
-def _tensor_spec(spec: TensorSpec) -> pb.TensorSpec:
-    return pb.TensorSpec(
-        name=spec.name, dtype=spec.dtype.name, shape=[-1, *(-1 if d is None else d for d in spec.shape)]
-    )
+def _tensor_spec(spec: TensorSpec, batched: bool) -> pb.TensorSpec:
+    """Rows first (-1) for a batched model; an unbatched model's shapes are whole."""
+    dims = [-1 if d is None else d for d in spec.shape]
+    return pb.TensorSpec(name=spec.name, dtype=spec.dtype.name, shape=[-1, *dims] if batched else dims)
 
 
 def metadata_message(meta: ModelMetadata) -> pb.GetModelMetadataResponse:
@@ -35,8 +35,8 @@ def metadata_message(meta: ModelMetadata) -> pb.GetModelMetadataResponse:
         version=meta.version,
         versions=meta.versions,
         platform=meta.platform,
-        inputs=[_tensor_spec(s) for s in meta.inputs],
-        outputs=[_tensor_spec(s) for s in meta.outputs],
+        inputs=[_tensor_spec(s, meta.batched) for s in meta.inputs],
+        outputs=[_tensor_spec(s, meta.batched) for s in meta.outputs],
         device=meta.device,
         batching=pb.BatchingSettings(
             enabled=b.enabled,

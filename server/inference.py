@@ -54,6 +54,7 @@ class ModelMetadata:
     device: str
     batching: BatchingConfig
     ready: bool
+    batched: bool = True  # False: no batch dimension (shapes are whole, one request is one model call)
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,12 @@ class InferenceService:
         `deadline` is a time.monotonic() value after which the request is no longer worth running.
         """
         await self._check_accepting()
-        return await self._counted(self.resolve(name, version), lambda runtime: inputs, deadline)
+        runtime = self.resolve(name, version)
+        if runtime.batched:
+            return await self._counted(runtime, lambda runtime: inputs, deadline)
+        # No batch dimension: the request is validated and run as one row, and answered without it.
+        result = await self._counted(runtime, lambda runtime: runtime.as_one_row(inputs), deadline)
+        return InferenceResult(result.version, {name: value[0] for name, value in result.outputs.items()})
 
     async def infer_flat(
         self, name: str, version: int, flat_inputs: Mapping[str, np.ndarray], deadline: float | None = None
@@ -306,8 +312,9 @@ class InferenceService:
             inputs=tuple(runtime.inputs.values()),
             outputs=tuple(runtime.outputs.values()),
             device=runtime.device,
-            batching=model.batching,
+            batching=model.batching if runtime.batched else dataclasses.replace(model.batching, enabled=False),
             ready=self.phase is Phase.SERVING,
+            batched=runtime.batched,
         )
 
     # -- shutdown ---------------------------------------------------------------------------------

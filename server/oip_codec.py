@@ -2,7 +2,10 @@
 
 Tensors arrive either typed (`contents`, one repeated field per datatype) or raw (`raw_input_contents`:
 little-endian bytes, BYTES elements as a 4-byte length and the bytes). Raw bytes decode without a copy
-(`np.frombuffer`); a reply is raw when its request was. The stubs are the ones tritonclient ships.
+(`np.frombuffer`). Replies are always raw (`raw_output_contents`), as Triton sends them whatever the request
+used: stock clients and tritonclient's `InferResult.as_numpy` read only that. The stubs are the ones tritonclient
+ships. Where the protocol's reference server words an error in a way its clients check, our message contains
+Triton's phrase and then says what we expected and received.
 """
 
 from __future__ import annotations
@@ -61,7 +64,12 @@ REQUEST_PARAMETERS = {
     "triton_enable_empty_final_response": "accepted; each response is final and says so (triton_final_response)",
 }
 INPUT_PARAMETERS = {"binary_data_size": "ignored (HTTP/REST framing)"}
-OUTPUT_PARAMETERS = {"binary_data": "ignored: the reply is raw when the request was raw"}
+OUTPUT_PARAMETERS = {
+    "binary_data": "ignored: replies are always raw (raw_output_contents)",
+    "classification": "an int64 > 0: the output's top classes, as BYTES 'score:index' (no labels)",
+}
+# Datatypes Triton's classification extension ranks (not BOOL, BYTES, FP16 or BF16).
+_CLASSIFIABLE = ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64")
 
 
 def datatype_of(dtype: np.dtype) -> str:
@@ -78,7 +86,8 @@ def parse_version(model: str, version: str) -> int:
         return 0
     if not version.isdigit() or int(version) < 1:
         raise InvalidInputError(
-            f"model {quoted(model)} version must be a positive integer or '' for the latest, got {quoted(version)}"
+            f"failed to get model version from specified version string {quoted(version)}: model {quoted(model)} "
+            "versions are positive integers, or '' for the latest"
         )
     return int(version)
 
@@ -204,6 +213,13 @@ def decode_inputs(model: str, request: pb.ModelInferRequest) -> dict[str, np.nda
     """The request's input tensors as numpy arrays (rows first), checked against the request's own shapes;
     the core then checks them against the model's signature."""
     raw = request.raw_input_contents
+    typed = next((t for t in request.inputs if t.HasField("contents")), None)
+    if raw and typed is not None:
+        raise InvalidInputError(
+            f"contents field must not be specified when using raw_input_contents for {quoted(typed.name)} for model "
+            f"{quoted(model)}: send every input raw (one raw_input_contents entry per input, in order) or every input "
+            f"typed (contents), got {len(raw)} raw entries and contents in input {quoted(typed.name)}"
+        )
     if raw and len(raw) != len(request.inputs):
         raise InvalidInputError(
             f"model '{model}': raw_input_contents must hold one entry per input ({len(request.inputs)}), "
@@ -255,40 +271,77 @@ def requested_outputs(model: str, specs: Mapping[str, TensorSpec], request: pb.M
     return names
 
 
+def classification_counts(model: str, specs: Mapping[str, TensorSpec], request: pb.ModelInferRequest) -> dict[str, int]:
+    """The outputs asked for as classifications (Triton's classification extension: the output parameter
+    'classification'), each with how many top classes, checked before the model runs."""
+    counts = {}
+    for output in request.outputs:
+        if "classification" not in output.parameters:
+            continue
+        parameter = output.parameters["classification"]
+        where = f"model '{model}' output {quoted(output.name)}"
+        kind = parameter.WhichOneof("parameter_choice")
+        if kind != "int64_param" or parameter.int64_param <= 0:
+            got = f"int64_param {parameter.int64_param}" if kind == "int64_param" else kind or "no value"
+            raise InvalidInputError(
+                f"invalid value for 'classification' parameter, expected an int64_param > 0: {where} got {got}"
+            )
+        datatype = _NAMES.get(specs[output.name].dtype) if output.name in specs else None
+        if datatype is not None and datatype not in _CLASSIFIABLE:
+            raise InvalidInputError(
+                f"class result not available for output due to unsupported type '{datatype}': {where} can be "
+                f"classified when its datatype is one of {', '.join(_CLASSIFIABLE)}"
+            )
+        counts[output.name] = parameter.int64_param
+    return counts
+
+
+def classify(array: np.ndarray, count: int, batched: bool) -> np.ndarray:
+    """The top `count` classes of each row (of the whole tensor for a model without a batch dimension), highest
+    score first, as Triton writes them: b"<score>:<index>" with the score as C's "%f" (integers as integers)."""
+    rows = array.reshape(len(array), -1) if batched else array.reshape(1, -1)
+    k = min(count, rows.shape[1])
+    number = "{:f}" if array.dtype.kind == "f" else "{:d}"
+    classes = np.empty((len(rows), k), dtype=object)
+    for r, row in enumerate(rows.tolist()):
+        top = sorted(range(len(row)), key=lambda i: row[i], reverse=True)[:k]  # stable: ties keep index order
+        classes[r] = [f"{number.format(row[i])}:{i}".encode() for i in top]
+    return classes if batched else classes[0]
+
+
 def encode_response(
-    request: pb.ModelInferRequest, model: str, version: int, outputs: Mapping[str, np.ndarray], names: Iterable[str]
+    request: pb.ModelInferRequest,
+    model: str,
+    version: int,
+    outputs: Mapping[str, np.ndarray],
+    names: Iterable[str],
+    classes: Mapping[str, int] | None = None,
+    batched: bool = True,
 ) -> pb.ModelInferResponse:
-    """The reply: the named outputs, raw when the request came raw (and always for FP16/BF16), else typed."""
+    """The reply: the named outputs in raw_output_contents (one entry per output, in order), whether the request
+    came raw or typed, as Triton answers; an output asked for as a classification (`classes`) is its top classes."""
     response = pb.ModelInferResponse(model_name=model, model_version=str(version), id=request.id)
     if "triton_enable_empty_final_response" in request.parameters:
         response.parameters["triton_final_response"].bool_param = True
-    names = list(names)
-    raw = bool(request.raw_input_contents) or any(_raw_only(outputs[n].dtype) for n in names)
+    classes = classes or {}
     for name in names:
-        array = outputs[name]
+        array = outputs[name] if name not in classes else classify(outputs[name], classes[name], batched)
         datatype = datatype_of(array.dtype)
-        tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        if raw:
-            if datatype == "BYTES":
-                response.raw_output_contents.append(serialize_bytes(array))
-            else:
-                little_endian = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
-                response.raw_output_contents.append(little_endian.tobytes())
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        if datatype == "BYTES":
+            response.raw_output_contents.append(serialize_bytes(array))
         else:
-            getattr(tensor.contents, _FIELDS[datatype]).extend(array.ravel().tolist())
+            little_endian = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
+            response.raw_output_contents.append(little_endian.tobytes())
     return response
 
 
-def _raw_only(dtype: np.dtype) -> bool:
-    return _NAMES.get(dtype) in ("FP16", "BF16")
-
-
-def tensor_metadata(specs: Sequence[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
-    """Shapes with the rows first as -1 (any), and -1 for any other dimension of variable size."""
+def tensor_metadata(specs: Sequence[TensorSpec], batched: bool = True) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    """Shapes with the rows first as -1 (any) for a batched model, the whole shapes for an unbatched one, and -1
+    for any other dimension of variable size."""
+    rows = [-1] if batched else []
     return [
-        pb.ModelMetadataResponse.TensorMetadata(
-            name=s.name, datatype=datatype_of(s.dtype), shape=[-1, *(-1 if d is None else d for d in s.shape)]
-        )
+        pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=datatype_of(s.dtype), shape=[*rows, *_dims(s)])
         for s in specs
     ]
 
@@ -304,8 +357,9 @@ def model_config(
     max_batch_size: int,
     batching: tuple[tuple[int, ...], float] | None,
 ) -> mc.ModelConfig:
-    """The model as Triton's ModelConfig describes it: rows are the batch dimension (left out of dims),
-    and dynamic batching lists our allowed batch sizes and the batch timeout when batching is on."""
+    """The model as Triton's ModelConfig describes it: rows are the batch dimension (left out of dims), and
+    dynamic batching lists our allowed batch sizes and the batch timeout when batching is on. A model without
+    a batch dimension has max_batch_size 0, its whole shapes as dims, and no dynamic batching."""
     config = mc.ModelConfig(
         name=name,
         platform="tensorflow_savedmodel",

@@ -3,14 +3,17 @@ the core, encode. Conversions live in `server/oip_codec.py`; validation, batchin
 
 Unary RPCs go through `server.rpc.rpc`. ModelStreamInfer answers every message of the stream on its own, as
 it completes (ids tell them apart), with the same status mapping and request metrics per message; an error
-is a message on the stream (`error_message`), the stream goes on.
+is a message on the stream (`error_message`), the stream goes on. The protocol's extensions that we do not
+offer (repository control, shared memory, trace and log settings) answer UNIMPLEMENTED naming the extension
+and what to do instead, rather than gRPC's bare "Method not found!".
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from importlib import metadata as package_metadata
 from typing import Any
 
@@ -18,7 +21,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from server import oip_codec as oip
-from server.errors import quoted
+from server.errors import ModelNotFoundError, quoted
 from server.inference import InferenceService, Phase
 from server.metrics import REQUEST_DURATION, REQUESTS
 from server.rpc import MalformedRequest, deadline_of, rpc
@@ -28,6 +31,45 @@ SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 # Requests of one stream being answered at once; the stream's reader waits beyond that (back-pressure).
 MAX_STREAM_IN_FLIGHT = 1024
 DRAIN_POLL_SECONDS = 0.05
+# The extensions ServerMetadata lists, in Triton's names.
+EXTENSIONS = ("classification", "model_configuration", "statistics")
+
+
+@contextlib.contextmanager
+def _triton_words() -> Iterator[None]:
+    """An unknown model or version in Triton's words ("Request for unknown model", which its clients look for),
+    followed by ours (what exists)."""
+    try:
+        yield
+    except ModelNotFoundError as error:
+        raise ModelNotFoundError(f"Request for unknown model: {error}") from None
+
+
+def _not_offered(method: str, extension: str, instead: str) -> Callable[..., Awaitable[Any]]:
+    """A handler for an RPC of a protocol extension we do not offer: UNIMPLEMENTED, naming the extension, what to
+    do instead and the extensions we do offer (counted like every other call)."""
+    message = (
+        f"{method} belongs to the '{extension}' extension of the Open Inference Protocol, which this server does "
+        f"not offer: {instead}. Extensions offered: {', '.join(EXTENSIONS)} (see ServerMetadata)"
+    )
+
+    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        REQUESTS.labels("", method, grpc.StatusCode.UNIMPLEMENTED.name).inc()
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    handler.__name__ = method
+    return handler
+
+
+_REPOSITORY = (
+    "model_repository",
+    "the server serves the models found in its repository at startup (ModelReady and ModelMetadata for each; "
+    "modelserver.v1 ListModels lists them); to change them, change the repository and restart the server",
+)
+_SYSTEM_SHM = ("system_shared_memory", "send tensors in the request (raw_input_contents or typed contents)")
+_CUDA_SHM = ("cuda_shared_memory", "send tensors in the request (raw_input_contents or typed contents)")
+_TRACE = ("trace", "the server's metrics are on its Prometheus /metrics port")
+_LOGGING = ("logging", "the log level is set when the server starts")
 
 
 def _server_version() -> str:
@@ -62,30 +104,30 @@ class OipService:
 
     @rpc("ServerMetadata", lambda self, request: "")
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerMetadataResponse(
-            name="modelserver", version=self._version, extensions=["model_configuration", "statistics"]
-        )
+        return pb.ServerMetadataResponse(name="modelserver", version=self._version, extensions=list(EXTENSIONS))
 
     @rpc("ModelMetadata", lambda self, request: self._label(request.name))
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
-        meta = self._core.metadata(request.name, oip.parse_version(request.name, request.version))
+        with _triton_words():
+            meta = self._core.metadata(request.name, oip.parse_version(request.name, request.version))
         return pb.ModelMetadataResponse(
             name=meta.name,
             versions=[str(meta.version)],
             platform=meta.platform,
-            inputs=oip.tensor_metadata(meta.inputs),
-            outputs=oip.tensor_metadata(meta.outputs),
+            inputs=oip.tensor_metadata(meta.inputs, meta.batched),
+            outputs=oip.tensor_metadata(meta.outputs, meta.batched),
         )
 
     @rpc("ModelConfig", lambda self, request: self._label(request.name))
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> Any:
-        meta = self._core.metadata(request.name, oip.parse_version(request.name, request.version))
+        with _triton_words():
+            meta = self._core.metadata(request.name, oip.parse_version(request.name, request.version))
         b = meta.batching
         config = oip.model_config(
             meta.name,
             meta.inputs,
             meta.outputs,
-            b.max_batch_size,
+            b.max_batch_size if meta.batched else 0,
             # The longest a request waits for company: none under 'eager', which never waits on a timer.
             (b.allowed_batch_sizes, 0.0 if b.policy == "eager" else b.batch_timeout) if b.enabled else None,
         )
@@ -97,8 +139,9 @@ class OipService:
         names = [request.name] if request.name else self._core.model_names()
         response = pb.ModelStatisticsResponse()
         for name in names:
-            version = self._core.resolve(name, oip.parse_version(name, request.version)).version
-            s = self._core.statistics(name)
+            with _triton_words():
+                version = self._core.resolve(name, oip.parse_version(name, request.version)).version
+                s = self._core.statistics(name)
             stats = response.model_stats.add(
                 name=name,
                 version=str(version),
@@ -129,11 +172,26 @@ class OipService:
         timeout = oip.timeout_seconds(request)
         if timeout is not None:
             deadline = min(d for d in (deadline, time.monotonic() + timeout) if d is not None)
-        runtime = self._core.resolve(name, version)
+        with _triton_words():
+            runtime = self._core.resolve(name, version)
         oip.check_datatypes(name, runtime.inputs, request)
         outputs = oip.requested_outputs(name, runtime.outputs, request)
+        classes = oip.classification_counts(name, runtime.outputs, request)
         result = await self._core.infer(name, runtime.version, oip.decode_inputs(name, request), deadline)
-        return oip.encode_response(request, name, result.version, result.outputs, outputs)
+        return oip.encode_response(request, name, result.version, result.outputs, outputs, classes, runtime.batched)
+
+    # Extensions we do not offer: a clear UNIMPLEMENTED instead of gRPC's "Method not found!".
+    RepositoryIndex = _not_offered("RepositoryIndex", *_REPOSITORY)
+    RepositoryModelLoad = _not_offered("RepositoryModelLoad", *_REPOSITORY)
+    RepositoryModelUnload = _not_offered("RepositoryModelUnload", *_REPOSITORY)
+    SystemSharedMemoryStatus = _not_offered("SystemSharedMemoryStatus", *_SYSTEM_SHM)
+    SystemSharedMemoryRegister = _not_offered("SystemSharedMemoryRegister", *_SYSTEM_SHM)
+    SystemSharedMemoryUnregister = _not_offered("SystemSharedMemoryUnregister", *_SYSTEM_SHM)
+    CudaSharedMemoryStatus = _not_offered("CudaSharedMemoryStatus", *_CUDA_SHM)
+    CudaSharedMemoryRegister = _not_offered("CudaSharedMemoryRegister", *_CUDA_SHM)
+    CudaSharedMemoryUnregister = _not_offered("CudaSharedMemoryUnregister", *_CUDA_SHM)
+    TraceSetting = _not_offered("TraceSetting", *_TRACE)
+    LogSettings = _not_offered("LogSettings", *_LOGGING)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest | MalformedRequest], context: grpc.aio.ServicerContext
@@ -216,7 +274,9 @@ class OipService:
             code, message = to_status(error)
             echo = pb.ModelInferResponse()
             if isinstance(request, pb.ModelInferRequest):
-                echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                echo = pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                )
             return pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=echo)
         finally:
             REQUESTS.labels(label, "ModelStreamInfer", code.name).inc()

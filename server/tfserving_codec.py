@@ -2,8 +2,10 @@
 
 A TensorProto carries its values either packed (`tensor_content`: little-endian bytes, what
 `tf.make_tensor_proto` writes for numbers) or in a typed field (`float_val`, `int_val`, `string_val`, ...,
-where one value may stand for the whole shape). Replies use `tensor_content` (strings: `string_val`).
-The stubs are the ones the tensorflow-serving-api package ships.
+where one value may stand for the whole shape). Requests may use either. Replies use the typed fields, as
+TensorFlow Serving answers by default (`Tensor::AsProtoField`; `tensor_content` only behind its
+--enable_serialization_as_tensor_content flag): its own example clients read `outputs[name].float_val`, and
+`tf.make_ndarray` reads either. The stubs are the ones the tensorflow-serving-api package ships.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
 
-from server.errors import InvalidInputError, ModelNotFoundError, quoted
+from server.errors import MAX_ECHOED_CHARS, InvalidInputError, ModelNotFoundError, quoted
 from server.tensors import TensorSpec
 
 SIGNATURE = "serving_default"
@@ -42,6 +44,11 @@ _DTYPES: dict[int, tuple[np.dtype, str]] = {
 _ENUMS = {dtype: enum for enum, (dtype, _) in _DTYPES.items()}
 
 
+def shown(name: str) -> str:
+    """A caller-supplied name as TF Serving's messages show it (unquoted), cut like every echoed string."""
+    return name if len(name) <= MAX_ECHOED_CHARS else f"{name[:MAX_ECHOED_CHARS]}..."
+
+
 def dtype_enum(dtype: np.dtype) -> int:
     return _ENUMS.get(dtype, types_pb2.DT_INVALID)
 
@@ -63,6 +70,7 @@ def version_of(model: str, spec: model_pb2.ModelSpec) -> int:
 def check_signature(model: str, spec: model_pb2.ModelSpec) -> None:
     if spec.signature_name not in ("", SIGNATURE):
         raise InvalidInputError(
+            f'Serving signature key "{shown(spec.signature_name)}" not found: '
             f"model '{model}' has no signature {quoted(spec.signature_name)}; its signature is '{SIGNATURE}'"
         )
 
@@ -132,16 +140,25 @@ def _shape(dims: Iterable[int]) -> tensor_shape_pb2.TensorShapeProto:
 
 
 def encode_tensor(array: np.ndarray) -> tensor_pb2.TensorProto:
-    proto = tensor_pb2.TensorProto(dtype=dtype_enum(array.dtype), tensor_shape=_shape(array.shape))
+    """One output in its dtype's typed field, every value written out, as TF Serving's Tensor::AsProtoField does:
+    float_val, double_val, int_val (8- to 32-bit integers), int64_val, uint32_val, uint64_val, bool_val,
+    string_val, and half_val holding the 16 bits of each float16 or bfloat16."""
+    enum = dtype_enum(array.dtype)
+    proto = tensor_pb2.TensorProto(dtype=enum, tensor_shape=_shape(array.shape))
+    name = _DTYPES[enum][1]
+    field = getattr(proto, name)
     if array.dtype == np.dtype(object):
-        proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode() for v in array.ravel())
+        field.extend(v if isinstance(v, bytes) else str(v).encode() for v in array.ravel())
+    elif name == "half_val":
+        field.extend(array.view(np.uint16).ravel().tolist())
     else:
-        proto.tensor_content = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+        field.extend(array.ravel().tolist())
     return proto
 
 
-def model_spec(name: str, version: int) -> model_pb2.ModelSpec:
-    spec = model_pb2.ModelSpec(name=name, signature_name=SIGNATURE)
+def model_spec(name: str, version: int, signature: bool = True) -> model_pb2.ModelSpec:
+    """The served model's spec, as TF Serving echoes it: Predict names the signature, GetModelMetadata does not."""
+    spec = model_pb2.ModelSpec(name=name, signature_name=SIGNATURE if signature else "")
     spec.version.value = version
     return spec
 
@@ -154,24 +171,25 @@ def predict_response(
     )
 
 
-def _tensor_info(spec: TensorSpec) -> meta_graph_pb2.TensorInfo:
+def _tensor_info(spec: TensorSpec, batched: bool) -> meta_graph_pb2.TensorInfo:
     return meta_graph_pb2.TensorInfo(
         name=spec.name,
         dtype=dtype_enum(spec.dtype),
-        tensor_shape=_shape([-1, *(-1 if d is None else d for d in spec.shape)]),
+        tensor_shape=_shape([*([-1] if batched else []), *(-1 if d is None else d for d in spec.shape)]),
     )
 
 
 def metadata_response(
-    name: str, version: int, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+    name: str, version: int, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], batched: bool = True
 ) -> get_model_metadata_pb2.GetModelMetadataResponse:
-    """GetModelMetadata's one field, `signature_def`: the serving signature, rows first as -1."""
+    """GetModelMetadata's one field, `signature_def`: the serving signature, rows first as -1 (a model without a
+    batch dimension: its whole shapes, as its SavedModel has them)."""
     signature = meta_graph_pb2.SignatureDef(
-        inputs={s.name: _tensor_info(s) for s in inputs},
-        outputs={s.name: _tensor_info(s) for s in outputs},
+        inputs={s.name: _tensor_info(s, batched) for s in inputs},
+        outputs={s.name: _tensor_info(s, batched) for s in outputs},
         method_name=METHOD_NAME,
     )
-    response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=model_spec(name, version))
+    response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=model_spec(name, version, signature=False))
     signatures = get_model_metadata_pb2.SignatureDefMap(signature_def={SIGNATURE: signature})
     response.metadata["signature_def"].Pack(signatures)
     return response

@@ -1,10 +1,16 @@
 """TensorFlow Serving's servicers (`tensorflow.serving.PredictionService` Predict and GetModelMetadata,
 `tensorflow.serving.ModelService` GetModelStatus): decode, hand to the core, encode, so existing TF Serving
 clients switch by changing the address. Conversions live in `server/tfserving_codec.py`.
+
+An unknown model or version is answered with TF Serving's own words first ("Servable not found for request",
+"Could not find any versions of model"), then ours; the methods we do not offer (Classify, Regress,
+MultiInference, HandleReloadConfigRequest) answer UNIMPLEMENTED saying what to use instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -17,8 +23,9 @@ from tensorflow_serving.apis import (
 )
 
 from server import tfserving_codec as tfs
-from server.errors import InvalidInputError, quoted_list
+from server.errors import InvalidInputError, ModelNotFoundError, quoted_list
 from server.inference import InferenceService
+from server.metrics import REQUESTS
 from server.rpc import deadline_of, rpc
 
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]
@@ -32,6 +39,37 @@ _STATES = {
     "unloading": _State.UNLOADING,
 }
 _UNKNOWN_ERROR = 2  # tensorflow.error.Code UNKNOWN: a load failure's code is not known more precisely
+
+
+@contextlib.contextmanager
+def _tf_serving_words(phrase: str) -> Iterator[None]:
+    """An unknown model or version in TF Serving's words (`phrase`), followed by ours (what exists)."""
+    try:
+        yield
+    except ModelNotFoundError as error:
+        raise ModelNotFoundError(f"{phrase}: {error}") from None
+
+
+def _servable(name: str, version: int) -> str:
+    """TF Serving's ServableRequest::DebugString, which its NOT_FOUND messages show."""
+    request = f"Specific({tfs.shown(name)}, {version})" if version else f"Latest({tfs.shown(name)})"
+    return f"Servable not found for request: {request}"
+
+
+def _not_offered(method: str, instead: str) -> Callable[..., Awaitable[Any]]:
+    """UNIMPLEMENTED for a TF Serving method we do not offer, saying what to use instead (counted like every call)."""
+    message = f"{method} is not offered by this server (it serves TF Serving's Predict, GetModelMetadata and "
+    message += f"GetModelStatus): {instead}"
+
+    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        REQUESTS.labels("", method, grpc.StatusCode.UNIMPLEMENTED.name).inc()
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    handler.__name__ = method
+    return handler
+
+
+_PREDICT_INSTEAD = "call Predict with the model's serving_default signature (tf.Example inputs are not taken)"
 
 
 class _Labels:
@@ -48,7 +86,8 @@ class PredictionService(_Labels):
     async def Predict(self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext) -> Any:
         spec = request.model_spec
         version = tfs.version_of(spec.name, spec)
-        runtime = self._core.resolve(spec.name, version)
+        with _tf_serving_words(_servable(spec.name, version)):
+            runtime = self._core.resolve(spec.name, version)
         tfs.check_signature(spec.name, spec)
         names = tfs.output_names(spec.name, runtime.outputs, request.output_filter)
         inputs = tfs.decode_inputs(spec.name, request.inputs)
@@ -65,8 +104,14 @@ class PredictionService(_Labels):
             raise InvalidInputError(
                 f"metadata_field {quoted_list(unsupported)} is not supported; the one field is 'signature_def'"
             )
-        meta = self._core.metadata(spec.name, tfs.version_of(spec.name, spec))
-        return tfs.metadata_response(meta.name, meta.version, meta.inputs, meta.outputs)
+        version = tfs.version_of(spec.name, spec)
+        with _tf_serving_words(_servable(spec.name, version)):
+            meta = self._core.metadata(spec.name, version)
+        return tfs.metadata_response(meta.name, meta.version, meta.inputs, meta.outputs, meta.batched)
+
+    Classify = _not_offered("Classify", _PREDICT_INSTEAD)
+    Regress = _not_offered("Regress", _PREDICT_INSTEAD)
+    MultiInference = _not_offered("MultiInference", _PREDICT_INSTEAD)
 
 
 class ModelService(_Labels):
@@ -77,13 +122,23 @@ class ModelService(_Labels):
         """The served version's state: AVAILABLE, LOADING, UNLOADING, or END with the load error."""
         spec = request.model_spec
         version = tfs.version_of(spec.name, spec)
-        summary = self._core.summary(spec.name)
-        if summary.state == "failed":
-            served = version or max(summary.versions)
+        if version:
+            phrase = f"Could not find version {version} of model {tfs.shown(spec.name)}"
         else:
-            served = self._core.resolve(spec.name, version).version
+            phrase = f"Could not find any versions of model {tfs.shown(spec.name)}"
+        with _tf_serving_words(phrase):
+            summary = self._core.summary(spec.name)
+            if summary.state == "failed":
+                served = version or max(summary.versions)
+            else:
+                served = self._core.resolve(spec.name, version).version
         status = get_model_status_pb2.ModelVersionStatus(version=served, state=_STATES[summary.state])
         if summary.error:
             status.status.error_code = _UNKNOWN_ERROR
             status.status.error_message = summary.error
         return get_model_status_pb2.GetModelStatusResponse(model_version_status=[status])
+
+    HandleReloadConfigRequest = _not_offered(
+        "HandleReloadConfigRequest",
+        "the server serves the models found in its repository at startup; change the repository and restart it",
+    )

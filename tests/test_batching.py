@@ -38,6 +38,7 @@ class GatedRuntime:
     def __init__(self, runtime: ModelRuntime) -> None:
         self.runtime = runtime
         self.name, self.version, self.inputs, self.outputs = MODEL, 1, runtime.inputs, runtime.outputs
+        self.batched = runtime.batched
         self.calls: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
@@ -445,10 +446,10 @@ def test_a_lone_request_that_expires_waiting_for_a_thread_never_reaches_the_mode
 
 
 class WarmUpRecorder:
-    """Only what Batcher.warm_up reads: a name, the input specs, and warm_up(rows), recorded."""
+    """Only what Batcher.warm_up reads: a name, the input specs, whether it is batched, and warm_up(rows), recorded."""
 
     def __init__(self, runtime: ModelRuntime) -> None:
-        self.name, self.inputs = MODEL, runtime.inputs
+        self.name, self.inputs, self.batched = MODEL, runtime.inputs, runtime.batched
         self.warmed: list[int] = []
 
     def warm_up(self, rows: int) -> None:

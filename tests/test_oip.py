@@ -79,17 +79,34 @@ def test_requested_outputs_only_are_returned(triton_client, keras_models):
     np.testing.assert_allclose(result.as_numpy("output_b"), expected[1], atol=1e-5)
 
 
-def test_typed_contents_are_answered_typed(server, keras_models):
-    """JSON-style typed contents (fp32_contents) instead of raw bytes: the reply comes typed too."""
+def test_typed_contents_are_answered_raw_as_triton_answers(server, keras_models):
+    """Typed contents (fp32_contents) instead of raw bytes: the reply is raw all the same, as Triton's, so that
+    tritonclient's InferResult.as_numpy (which reads only raw_output_contents) reads it."""
     image = RNG.random((2, 28, 28, 1), dtype=np.float32)
     request = service_pb2.ModelInferRequest(model_name="residual_cnn", id="typed")
     tensor = request.inputs.add(name="image", datatype="FP32", shape=image.shape)
     tensor.contents.fp32_contents.extend(image.ravel().tolist())
     response = service_pb2_grpc.GRPCInferenceServiceStub(server.channel).ModelInfer(request, timeout=30)
-    assert not response.raw_output_contents and response.id == "typed"
-    (output,) = response.outputs
-    got = np.array(output.contents.fp32_contents, dtype=np.float32).reshape(tuple(output.shape))
+    assert len(response.raw_output_contents) == 1 and response.id == "typed"
+    assert not response.outputs[0].HasField("contents")
+    got = triton.InferResult(response).as_numpy("probabilities")
     np.testing.assert_allclose(got, keras_models["residual_cnn"].predict(image, verbose=0), atol=1e-5)
+
+
+def test_classification_gives_the_top_classes_per_row_as_triton_writes_them(triton_client, keras_models):
+    """tritonclient's InferRequestedOutput(class_count=k) (Triton's classification extension): per row, the k highest
+    scores, highest first, as BYTES 'score:index' with the score in C's %f."""
+    image = RNG.random((2, 28, 28, 1), dtype=np.float32)
+    output = triton.InferRequestedOutput("probabilities", class_count=3)
+    result = triton_client.infer("residual_cnn", _inputs({"image": image}), outputs=[output])
+    classes = result.as_numpy("probabilities")
+    assert classes.shape == (2, 3) and result.get_response().outputs[0].datatype == "BYTES"
+    expected = keras_models["residual_cnn"].predict(image, verbose=0)
+    for row, want in zip(classes, expected, strict=True):
+        scores, indices = zip(*(item.decode().split(":") for item in row), strict=True)
+        assert [int(i) for i in indices] == list(np.argsort(-want)[:3])
+        assert all(len(score.split(".")[1]) == 6 for score in scores)  # %f
+        np.testing.assert_allclose([float(score) for score in scores], np.sort(want)[::-1][:3], atol=1e-5)
 
 
 def test_stream_answers_many_requests_with_their_ids(triton_client, keras_models):
@@ -124,6 +141,10 @@ def _error(call) -> InferenceServerException:
 def test_unknown_model_is_not_found(triton_client):
     error = _error(lambda: triton_client.infer("nope", _inputs(_multi_input_rows(1))))
     assert error.status() == "StatusCode.NOT_FOUND" and "no model named 'nope'" in error.message()
+    assert error.message().startswith("Request for unknown model: ")  # Triton's words, which its clients look for
+    error = _error(lambda: triton_client.get_model_config("multi_input", "7"))
+    assert error.status() == "StatusCode.NOT_FOUND" and "Request for unknown model" in error.message()
+    assert "no loaded version 7" in error.message()
 
 
 def test_a_huge_model_name_is_cut_in_the_message(triton_client):
@@ -164,6 +185,16 @@ def test_statistics_count_requests_and_metrics_count_the_method(server, triton_c
     assert stats.inference_count >= 2 and stats.execution_count >= 1 and stats.inference_stats.success.count >= 1
 
 
+def test_a_stream_error_echoes_the_requests_id_model_and_version(server):
+    """As Triton's stream handler fills a failed response: the request's id, model name and version."""
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(server.channel)
+    request = service_pb2.ModelInferRequest(model_name="nope", model_version="3", id="e1")
+    (response,) = list(stub.ModelStreamInfer(iter([request]), timeout=10))
+    assert response.error_message.startswith("NOT_FOUND: Request for unknown model: no model named 'nope'")
+    echo = response.infer_response
+    assert (echo.id, echo.model_name, echo.model_version) == ("e1", "nope", "3")
+
+
 def test_malformed_stream_message_is_answered_on_the_stream(server):
     method = server.channel.stream_stream(
         "/inference.GRPCInferenceService/ModelStreamInfer",
@@ -175,11 +206,27 @@ def test_malformed_stream_message_is_answered_on_the_stream(server):
     assert "inference.ModelInferRequest" in response.error_message
 
 
-def test_unsupported_extension_is_unimplemented(server):
-    stub = service_pb2_grpc.GRPCInferenceServiceStub(server.channel)
-    with pytest.raises(grpc.RpcError) as caught:
-        stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), timeout=5)
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+@pytest.mark.parametrize(
+    ("call", "extension", "method"),
+    [
+        (lambda c: c.get_model_repository_index(), "model_repository", "RepositoryIndex"),
+        (lambda c: c.load_model("multi_input"), "model_repository", "RepositoryModelLoad"),
+        (lambda c: c.unload_model("multi_input"), "model_repository", "RepositoryModelUnload"),
+        (lambda c: c.get_system_shared_memory_status(), "system_shared_memory", "SystemSharedMemoryStatus"),
+        (lambda c: c.register_system_shared_memory("r", "/k", 8), "system_shared_memory", "SystemSharedMemoryRegister"),
+        (lambda c: c.unregister_cuda_shared_memory(), "cuda_shared_memory", "CudaSharedMemoryUnregister"),
+        (lambda c: c.get_trace_settings(), "trace", "TraceSetting"),
+        (lambda c: c.get_log_settings(), "logging", "LogSettings"),
+    ],
+)
+def test_extensions_not_offered_are_unimplemented_with_a_reason(server, triton_client, call, extension, method):
+    """Not gRPC's bare "Method not found!": the extension, what to do instead, and what is offered; counted."""
+    before = server.metric("modelserver_requests_total", method=method, code="UNIMPLEMENTED")
+    error = _error(lambda: call(triton_client))
+    assert error.status() == "StatusCode.UNIMPLEMENTED"
+    assert f"{method} belongs to the '{extension}' extension" in error.message()
+    assert "Extensions offered: classification, model_configuration, statistics" in error.message()
+    assert server.metric("modelserver_requests_total", method=method, code="UNIMPLEMENTED") == before + 1
 
 
 @pytest.mark.parametrize("protocol", ["oip", "oip-stream"])
