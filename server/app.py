@@ -10,9 +10,10 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from models.registry import BUILTIN_MODELS
@@ -23,11 +24,14 @@ from server.batching import Batcher
 from server.device import select_device
 from server.drain import MARK_METHOD, DrainMarker
 from server.grpc_service import ModelService
+from server.health import HealthService
 from server.hold import HoldPoints
 from server.inference import InferenceService
+from server.keras_runtime import KerasRuntime
+from server.manager import ModelManager, Phase
 from server.ports import write_port_file
 from server.rpc import add_service
-from server.runtime import ModelRuntime, load_failure
+from server.runtime import ModelRuntime
 from server.security import BearerTokenInterceptor
 from server.settings import Settings
 
@@ -47,34 +51,29 @@ GOAWAY_TRAVEL = 0.2
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _load_model(
-    versions: list[repository.ModelVersion], device: str, batcher: Batcher, holds: HoldPoints
-) -> ModelRuntime:
-    """Load the latest version of one model and warm up every batch size (blocking; runs on the executor)."""
-    latest = versions[-1]
-    holds.wait("load", latest.name)
-    started = time.perf_counter()
-    try:
-        runtime = ModelRuntime(latest.name, latest.version, latest.path, device)
-        batcher.warm_up(runtime)
-        if holds.folder is not None:
-            runtime.before_call = functools.partial(holds.wait, "predict")
-    except Exception as error:
-        log.error("cannot load model '%s' version %d from %s: %s", latest.name, latest.version, latest.path, error)
-        raise RuntimeError(load_failure(latest.name, latest.version, latest.path, error)) from error
-    metrics.MODEL_LOAD_DURATION.labels(latest.name).set(time.perf_counter() - started)
-    log.info(
-        "loaded %s version %d from %s in %.2fs",
-        latest.name,
-        latest.version,
-        latest.path,
-        time.perf_counter() - started,
-    )
+@dataclass
+class _Loading:
+    """What opening a model version needs; the device is known once TensorFlow is configured."""
+
+    batcher: Batcher
+    holds: HoldPoints
+    device: str = ""
+
+
+def _open_version(loading: _Loading, found: repository.ModelVersion) -> ModelRuntime:
+    """Open one version (a SavedModel or a model.keras file) and warm up every batch size (blocking; runs on the
+    manager's loading thread, off the event loop)."""
+    loading.holds.wait("load", found.name)
+    runtime_class = KerasRuntime if found.format == "keras" else ModelRuntime
+    runtime = runtime_class(found.name, found.version, found.path, loading.device)
+    loading.batcher.warm_up(runtime)
+    if loading.holds.folder is not None:
+        runtime.before_call = functools.partial(loading.holds.wait, "predict")
     return runtime
 
 
-def _prepare_repository(settings: Settings, holds: HoldPoints) -> tuple[str, dict[str, list[repository.ModelVersion]]]:
-    """Pick the device, export missing built-in models, and list what the repository holds (blocking)."""
+def _prepare_repository(settings: Settings, holds: HoldPoints) -> str:
+    """Pick the device and export missing built-in models (blocking); returns the device."""
     device = select_device(settings.intra_op_threads, settings.inter_op_threads)
     metrics.DEVICE_INFO.labels(device).set(1)
     for definition in BUILTIN_MODELS.values():
@@ -89,42 +88,17 @@ def _prepare_repository(settings: Settings, holds: HoldPoints) -> tuple[str, dic
                 definition.version,
                 time.perf_counter() - started,
             )
-    return device, repository.discover(settings.model_repository)
+    return device
 
 
-async def _load_all(
-    settings: Settings,
-    core: InferenceService,
-    batcher: Batcher,
-    health_servicer: health.aio.HealthServicer,
-    executor: ThreadPoolExecutor,
-    holds: HoldPoints,
-) -> None:
-    loop = asyncio.get_running_loop()
-    device, found = await loop.run_in_executor(executor, _prepare_repository, settings, holds)
-    for name, versions in found.items():
-        await health_servicer.set(name, NOT_SERVING)
-        metrics.MODEL_READY.labels(name, str(versions[-1].version)).set(0)
-    loaded = {}
-    for name, versions in found.items():
-        try:
-            runtime = await loop.run_in_executor(executor, _load_model, versions, device, batcher, holds)
-        except RuntimeError as error:
-            if name in BUILTIN_MODELS:
-                raise  # ours: a bug to fix, not a replica to run without it
-            # A user's model: the others serve; this one stays not ready, with its error in every status RPC.
-            log.error("%s; serving the other models without it", error)
-            core.add_failed_model(name, tuple(v.version for v in versions), str(error))
-            continue
-        core.add_model(runtime, tuple(v.version for v in versions), settings.batching_for(runtime.name))
-        loaded[name] = versions
+async def _load_all(settings: Settings, manager: ModelManager, loading: _Loading, executor: ThreadPoolExecutor) -> None:
+    """Export, load every model's aspired versions, freeze the start-up heap, then serve (and keep polling)."""
+    loading.device = await asyncio.get_running_loop().run_in_executor(
+        executor, _prepare_repository, settings, loading.holds
+    )
+    await manager.sync(initial=True)
     log.info("froze %d startup objects out of the garbage collector's reach", metrics.freeze_startup_heap())
-    core.start_serving()
-    for name, versions in loaded.items():
-        metrics.MODEL_READY.labels(name, str(versions[-1].version)).set(1)
-        await health_servicer.set(name, SERVING)
-    await health_servicer.set(SERVICE_NAME, SERVING)
-    await health_servicer.set("", SERVING)
+    manager.set_phase(Phase.SERVING)
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
@@ -157,20 +131,12 @@ def _grpc_server(
     )
 
 
-async def _drain(
-    settings: Settings,
-    server: grpc.aio.Server,
-    core: InferenceService,
-    health_servicer: health.aio.HealthServicer,
-    marker: DrainMarker,
-) -> None:
+async def _drain(settings: Settings, server: grpc.aio.Server, core: InferenceService, marker: DrainMarker) -> None:
     """Shut down without losing accepted work (SPEC §6): NOT_SERVING at once; serve normally for
     --shutdown-delay; keep serving until every call gRPC received before now has reached a handler; then
     refuse new calls with UNAVAILABLE, finish the accepted ones, and close the listener only once gRPC holds
     no call that our handlers have not answered."""
-    await health_servicer.enter_graceful_shutdown()
-    for name in core.model_names():
-        metrics.MODEL_READY.labels(name, str(core.resolve(name).version)).set(0)
+    core.begin_stopping()
     if settings.shutdown_delay > 0:
         log.info("NOT_SERVING; serving on for --shutdown-delay %.1fs so that load balancers stop routing here",
                  settings.shutdown_delay)  # fmt: skip
@@ -225,10 +191,15 @@ async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callabl
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="model")
     batcher = Batcher(executor, settings.batching_for)
     admission = AdmissionControl(settings.max_concurrent_rpcs)
-    core = InferenceService(batcher, admission.check)
-    health_servicer = health.aio.HealthServicer()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, NOT_SERVING)
+    loading = _Loading(batcher, HoldPoints(settings.test_hold_dir))
+    manager = ModelManager(
+        settings.model_repository,
+        functools.partial(_open_version, loading),
+        batcher.retire,
+        settings.version_policy_for,
+        builtin=BUILTIN_MODELS,
+    )
+    core = InferenceService(manager, batcher, settings.batching_for, admission.check)
 
     health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -237,10 +208,10 @@ async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callabl
         interceptors.append(BearerTokenInterceptor(tokens, open_services=(health_service, drain_service)))
     server = _grpc_server(settings, interceptors, reuse_port)
     add_service(server, ModelService(core), modelserver_pb2.DESCRIPTOR.services_by_name["ModelService"])
-    add_service(server, oip_service.OipService(core), oip_service.SERVICE)
+    add_service(server, oip_service.OipService(core, settings.repository_control), oip_service.SERVICE)
     add_service(server, tfserving_service.PredictionService(core), tfserving_service.PREDICTION_SERVICE)
     add_service(server, tfserving_service.ModelService(core), tfserving_service.MODEL_SERVICE)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthService(manager, [SERVICE_NAME]), server)
     if settings.reflection:
         names = (
             SERVICE_NAME,
@@ -288,25 +259,40 @@ async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callabl
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    background: set[asyncio.Task[None]] = set()
 
-    holds = HoldPoints(settings.test_hold_dir)
-    loading = asyncio.create_task(_load_all(settings, core, batcher, health_servicer, executor, holds))
+    def rescan() -> None:
+        if manager.phase is Phase.SERVING:
+            log.info("SIGHUP: scanning the model repository")
+            task = loop.create_task(manager.sync())
+            background.add(task)
+            task.add_done_callback(background.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, rescan)
+
+    starting = asyncio.create_task(_load_all(settings, manager, loading, executor))
     stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
-    if loading.done():
-        if loading.exception() is not None:
-            log.error("startup failed: %s", loading.exception(), exc_info=loading.exception())
+    polling = None
+    if starting.done():
+        if starting.exception() is not None:
+            log.error("startup failed: %s", starting.exception(), exc_info=starting.exception())
             exit_code = 1
             stop.set()
         else:
             log.info("SERVING %s after %.2fs", ", ".join(core.model_names()), time.perf_counter() - started)
+            if settings.repository_poll_seconds > 0:
+                polling = asyncio.create_task(manager.poll(settings.repository_poll_seconds))
             if notify is not None:
                 notify("serving")
     await stopping
     log.info("signal received: health NOT_SERVING, %d request(s) in flight", core.in_flight)
-    loading.cancel()
-    await _drain(settings, server, core, health_servicer, marker)
+    starting.cancel()
+    if polling is not None:
+        polling.cancel()
+    await _drain(settings, server, core, marker)
+    await manager.close()
     await admission.stop()
     executor.shutdown(wait=True, cancel_futures=True)
     marker.close()

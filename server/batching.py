@@ -162,6 +162,21 @@ class Batcher:
             runtime.warm_up(size)
         log.info("warmed up %s at batch sizes %s", runtime.name, ", ".join(map(str, sizes)))
 
+    async def retire(self, runtime: ModelRuntime) -> None:
+        """A retired model version (server/manager.py): once nothing is queued or running on it, its batch loop
+        ends and its queue is forgotten. Called when no request holds the version any more."""
+        queue = self._queues.get((runtime.name, runtime.version))
+        if queue is None:
+            return
+        while queue.tasks or queue.running:
+            queue.changed.set()
+            await asyncio.sleep(0.01)
+        del self._queues[(runtime.name, runtime.version)]
+        if queue.loop_task is not None:
+            queue.loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await queue.loop_task
+
     async def run(
         self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None = None
     ) -> dict[str, np.ndarray]:

@@ -42,3 +42,7 @@ class UnavailableError(ServingError):
 
 class DeadlineExpiredError(ServingError):
     """The request's deadline passed before the model could run it."""
+
+
+class NotAllowedError(ServingError):
+    """The server is configured not to do this (repository control switched off)."""

@@ -1,4 +1,6 @@
-"""The transport-free core: resolves models, validates requests, runs them, tracks in-flight work.
+"""The transport-free core: validates requests, runs them on the version the model manager resolves, tracks
+in-flight work, and answers the protocols' questions about models from the manager (server/manager.py), the one
+owner of model state.
 
 gRPC servicers call this and only convert messages; nothing here imports grpc. A runner (the
 batcher) decides how validated inputs reach the model, so batching sits between this core and the model
@@ -9,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -20,7 +21,8 @@ from prometheus_client import REGISTRY
 
 from server import metrics
 from server.batching import BatchingConfig
-from server.errors import InvalidInputError, ModelNotFoundError, OverloadedError, UnavailableError, quoted
+from server.errors import InvalidInputError, OverloadedError, UnavailableError
+from server.manager import ACCEPTING, ModelManager, Phase, State, Version
 from server.runtime import ModelRuntime
 from server.tensors import TensorSpec, check_finite_outputs, rows_from_flat, validate_inputs
 
@@ -34,13 +36,6 @@ class Runner(Protocol):
     async def run(
         self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None = None
     ) -> dict[str, np.ndarray]: ...
-
-
-class Phase(enum.Enum):
-    STARTING = "starting"
-    SERVING = "serving"
-    DRAINING = "draining"  # new requests are refused with UNAVAILABLE, accepted ones finish
-    CLOSING = "closing"  # new requests are held, then refused once the listener has told clients to go away
 
 
 @dataclass(frozen=True)
@@ -64,8 +59,9 @@ class ModelSummary:
     name: str
     versions: tuple[int, ...]
     ready: bool
-    state: str  # "loading", "available", "failed" or "unloading"
+    state: str  # "loading", "available", "failed", "unloading" or "unavailable"
     error: str = ""
+    version_states: tuple[tuple[int, str, str], ...] = ()  # (version, state, error) of every version not ended
 
 
 @dataclass
@@ -85,54 +81,36 @@ class ModelStatistics:
     queue_ns: int = 0
 
 
-@dataclass
-class _Model:
-    runtimes: dict[int, ModelRuntime] = field(default_factory=dict)
-    versions_on_disk: tuple[int, ...] = ()
-    batching: BatchingConfig = field(default_factory=lambda: BatchingConfig(enabled=False))
-    error: str = ""  # why the model failed to load; it is then known but never served
-    stats: ModelStatistics = field(default_factory=ModelStatistics)
-
-
 @dataclass(frozen=True)
 class InferenceResult:
     version: int
     outputs: dict[str, np.ndarray]
+    batched: bool = True  # False: the model has no batch dimension (outputs are whole, without a rows axis)
 
 
 class InferenceService:
-    def __init__(self, runner: Runner, admit: Callable[[int], None] = lambda in_flight: None) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        runner: Runner,
+        batching_for: Callable[[str], BatchingConfig],
+        admit: Callable[[int], None] = lambda in_flight: None,
+    ) -> None:
         """`admit(in_flight)` raises OverloadedError when the server takes no more work (server.admission)."""
+        self.manager = manager
         self._runner = runner
+        self._batching_for = batching_for
         self._admit = admit
-        self._models: dict[str, _Model] = {}
-        self._failed: dict[str, _Model] = {}
-        self.phase = Phase.STARTING
+        self._stats: dict[str, ModelStatistics] = {}
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._released = asyncio.Event()
         self.last_arrival = 0.0  # time.monotonic() of the latest inference request
 
-    # -- registration, done once at startup ------------------------------------------------------
-
-    def add_model(
-        self,
-        runtime: ModelRuntime,
-        versions_on_disk: tuple[int, ...],
-        batching: BatchingConfig,
-    ) -> None:
-        model = self._models.setdefault(runtime.name, _Model())
-        model.runtimes[runtime.version] = runtime
-        model.versions_on_disk = versions_on_disk
-        model.batching = batching
-
-    def add_failed_model(self, name: str, versions_on_disk: tuple[int, ...], error: str) -> None:
-        """Record a model that did not load: listed and reported not ready, refused with UNAVAILABLE."""
-        self._failed[name] = _Model(versions_on_disk=versions_on_disk, error=error)
-
-    def start_serving(self) -> None:
-        self.phase = Phase.SERVING
+    @property
+    def phase(self) -> Phase:
+        return self.manager.phase
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -140,6 +118,8 @@ class InferenceService:
         self.last_arrival = time.monotonic()
         if self.phase is Phase.STARTING:
             raise UnavailableError("the server is starting: models are still loading; retry shortly")
+        if self.phase in ACCEPTING:
+            return
         if self.phase is Phase.CLOSING:
             # Answered only after the listener's GOAWAY: a caller that sends again at once then reaches another
             # replica (or a closed port: UNAVAILABLE), not a closing server that would cancel its call.
@@ -148,31 +128,14 @@ class InferenceService:
             raise UnavailableError("the server is shutting down and accepts no new requests; retry elsewhere")
 
     def resolve(self, name: str, version: int = 0) -> ModelRuntime:
-        """The runtime for a model and version (0 = latest loaded)."""
-        model = self._models.get(name)
-        if model is None and name in self._failed:
-            raise UnavailableError(f"model '{name}' failed to load and is not served: {self._failed[name].error}")
-        if model is None and self.phase is Phase.STARTING:
-            raise UnavailableError(f"the server is starting: model {quoted(name)} may still be loading; retry shortly")
-        if model is None:
-            known = ", ".join(sorted(self._models)) or "none"
-            raise ModelNotFoundError(f"no model named {quoted(name)}; available models: {known}")
-        if version == 0:
-            return model.runtimes[max(model.runtimes)]
-        runtime = model.runtimes.get(version)
-        if runtime is None:
-            loaded = ", ".join(str(v) for v in sorted(model.runtimes))
-            raise ModelNotFoundError(
-                f"model '{name}' has no loaded version {version}; loaded versions: {loaded} (0 = latest)"
-            )
+        """The runtime for a model and version (0 = latest available), from the model manager."""
+        runtime = self.manager.resolve(name, version).runtime
+        assert runtime is not None
         return runtime
 
     def is_ready(self, name: str, version: int = 0) -> bool:
-        """Whether the model (and version, 0 = latest) answers requests now: loaded, and the server serving."""
-        model = self._models.get(name)
-        if model is None or self.phase is not Phase.SERVING:
-            return False
-        return version == 0 or version in model.runtimes
+        """Whether the model (and version, 0 = latest) answers requests now: available, and the server ready."""
+        return self.manager.is_ready(name, version)
 
     async def infer(
         self, name: str, version: int, inputs: Mapping[str, np.ndarray], deadline: float | None = None
@@ -182,12 +145,15 @@ class InferenceService:
         `deadline` is a time.monotonic() value after which the request is no longer worth running.
         """
         await self._check_accepting()
-        runtime = self.resolve(name, version)
-        if runtime.batched:
-            return await self._counted(runtime, lambda runtime: inputs, deadline)
-        # No batch dimension: the request is validated and run as one row, and answered without it.
-        result = await self._counted(runtime, lambda runtime: runtime.as_one_row(inputs), deadline)
-        return InferenceResult(result.version, {name: value[0] for name, value in result.outputs.items()})
+
+        def prepare(runtime: ModelRuntime) -> Mapping[str, np.ndarray]:
+            # No batch dimension: the request is validated and run as one row, and answered without it.
+            return inputs if runtime.batched else runtime.as_one_row(inputs)
+
+        result = await self._counted(name, version, prepare, deadline)
+        if result.batched:
+            return result
+        return InferenceResult(result.version, {name: value[0] for name, value in result.outputs.items()}, False)
 
     async def infer_flat(
         self, name: str, version: int, flat_inputs: Mapping[str, np.ndarray], deadline: float | None = None
@@ -201,23 +167,28 @@ class InferenceService:
                 for key, value in flat_inputs.items()
             }
 
-        return await self._counted(self.resolve(name, version), reshaped, deadline)
+        return await self._counted(name, version, reshaped, deadline)
 
     async def _counted(
         self,
-        runtime: ModelRuntime,
+        name: str,
+        version: int,
         prepare: Callable[[ModelRuntime], Mapping[str, np.ndarray]],
         deadline: float | None,
     ) -> InferenceResult:
-        """`_run`, counted in the model's statistics (success or failure, time, rows)."""
-        stats = self._models[runtime.name].stats
+        """`_run` on the version the manager resolves, held while it runs (so it is not retired under the request)
+        and counted in the model's statistics (success or failure, time, rows)."""
+        entry = self.manager.acquire(name, version)
+        stats = self._stats.setdefault(name, ModelStatistics())
         started = time.perf_counter_ns()
         try:
-            result = await self._run(runtime, prepare, deadline)
+            result = await self._run(entry, prepare, deadline)
         except BaseException:
             stats.fail_count += 1
             stats.fail_ns += time.perf_counter_ns() - started
             raise
+        finally:
+            self.manager.release(entry)
         stats.success_count += 1
         stats.success_ns += time.perf_counter_ns() - started
         stats.inference_count += next(iter(result.outputs.values())).shape[0] if result.outputs else 0
@@ -226,11 +197,13 @@ class InferenceService:
 
     async def _run(
         self,
-        runtime: ModelRuntime,
+        entry: Version,
         prepare: Callable[[ModelRuntime], Mapping[str, np.ndarray]],
         deadline: float | None,
     ) -> InferenceResult:
         """Admit, prepare and validate the inputs (counting rejections), then run them, tracked as in flight."""
+        runtime = entry.runtime
+        assert runtime is not None
         try:
             self._admit(self._in_flight)
         except OverloadedError:
@@ -254,41 +227,42 @@ class InferenceService:
             if self._in_flight == 0:
                 self._idle.set()
         check_finite_outputs(runtime.name, outputs)
-        return InferenceResult(runtime.version, outputs)
+        return InferenceResult(runtime.version, outputs, runtime.batched)
 
     # -- introspection ----------------------------------------------------------------------------
 
     def model_names(self) -> list[str]:
-        """The loaded models (a model that failed to load is not among them; see `is_known`)."""
-        return sorted(self._models)
+        """The models with an available version (a model that failed to load is not among them; see `is_known`)."""
+        return self.manager.model_names()
 
     def is_known(self, name: str) -> bool:
         """A model of the repository, loaded or failed: its name is a metric label of its own."""
-        return name in self._models or name in self._failed
+        return self.manager.is_known(name)
 
     def summary(self, name: str) -> ModelSummary:
-        """One model's state, the one source for ModelReady, GetModelStatus, ListModels and health."""
-        failed = self._failed.get(name)
-        if failed is not None:
-            return ModelSummary(name, failed.versions_on_disk, False, "failed", failed.error)
-        model = self._models.get(name)
-        if model is None:
-            self.resolve(name)  # raises the right error: UNAVAILABLE while starting, else NOT_FOUND
-        assert model is not None
-        state = {Phase.STARTING: "loading", Phase.SERVING: "available"}.get(self.phase, "unloading")
-        return ModelSummary(name, model.versions_on_disk, self.phase is Phase.SERVING, state)
+        """One model's state, from the manager: the one source for ModelReady, GetModelStatus, ListModels,
+        RepositoryIndex and health."""
+        versions = self.manager.versions(name)
+        state, error = self.manager.state_of(name)
+        return ModelSummary(
+            name,
+            tuple(v.number for v in versions),
+            self.manager.is_ready(name),
+            state,
+            error,
+            tuple((v.number, v.state.value, v.error) for v in versions),
+        )
 
     def list_models(self) -> list[ModelSummary]:
         """Every model of the repository, failed ones included; UNAVAILABLE while the repository is still loading."""
         if self.phase is Phase.STARTING:
             raise UnavailableError("the server is starting: models are still loading; retry shortly")
-        return [self.summary(name) for name in sorted({*self._models, *self._failed})]
+        return [self.summary(name) for name in self.manager.known()]
 
     def statistics(self, name: str) -> ModelStatistics:
         """The model's request counters (raises like `resolve` for an unknown model)."""
-        if name not in self._models:
-            self.resolve(name)
-        stats = self._models[name].stats
+        self.manager.versions(name)
+        stats = self._stats.get(name, ModelStatistics())
 
         def sample(metric: str, suffix: str) -> float:  # the batcher's own counts, as /metrics shows them
             return REGISTRY.get_sample_value(f"{metric}{suffix}", {"model": name}) or 0.0
@@ -303,17 +277,18 @@ class InferenceService:
 
     def metadata(self, name: str, version: int = 0) -> ModelMetadata:
         runtime = self.resolve(name, version)
-        model = self._models[name]
         return ModelMetadata(
             name=name,
             version=runtime.version,
-            versions=model.versions_on_disk,
+            versions=tuple(v.number for v in self.manager.versions(name) if v.state is State.AVAILABLE),
             platform="tensorflow_savedmodel",
             inputs=tuple(runtime.inputs.values()),
             outputs=tuple(runtime.outputs.values()),
             device=runtime.device,
-            batching=model.batching if runtime.batched else dataclasses.replace(model.batching, enabled=False),
-            ready=self.phase is Phase.SERVING,
+            batching=self._batching_for(name)
+            if runtime.batched
+            else dataclasses.replace(self._batching_for(name), enabled=False),
+            ready=self.manager.is_ready(name, runtime.version),
             batched=runtime.batched,
         )
 
@@ -323,13 +298,17 @@ class InferenceService:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def begin_stopping(self) -> None:
+        """Not ready from now on, everywhere at once; requests are still served (--shutdown-delay)."""
+        self.manager.set_phase(Phase.STOPPING)
+
     def begin_drain(self) -> None:
-        self.phase = Phase.DRAINING
+        self.manager.set_phase(Phase.DRAINING)
 
     def begin_closing(self) -> None:
         """Hold new requests unanswered until release_held(), so that callers stop sending while the listener
         closes."""
-        self.phase = Phase.CLOSING
+        self.manager.set_phase(Phase.CLOSING)
 
     def release_held(self) -> None:
         self._released.set()

@@ -4,8 +4,9 @@ the core, encode. Conversions live in `server/oip_codec.py`; validation, batchin
 Unary RPCs go through `server.rpc.rpc`. ModelStreamInfer answers every message of the stream on its own, as
 it completes (ids tell them apart), with the same status mapping and request metrics per message; an error
 is a message on the stream (`error_message`), the stream goes on. The protocol's extensions that we do not
-offer (repository control, shared memory, trace and log settings) answer UNIMPLEMENTED naming the extension
-and what to do instead, rather than gRPC's bare "Method not found!".
+offer (shared memory, trace and log settings) answer UNIMPLEMENTED naming the extension and what to do instead,
+rather than gRPC's bare "Method not found!". The model-repository extension is the model manager's
+(server/manager.py): RepositoryIndex always, RepositoryModelLoad/Unload when --repository-control is on.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from server import oip_codec as oip
-from server.errors import ModelNotFoundError, quoted
-from server.inference import InferenceService, Phase
+from server.errors import InvalidInputError, ModelNotFoundError, NotAllowedError, quoted
+from server.inference import InferenceService
+from server.manager import ACCEPTING, Phase
 from server.metrics import REQUEST_DURATION, REQUESTS
 from server.rpc import MalformedRequest, deadline_of, rpc
 from server.status import to_status
@@ -32,7 +34,15 @@ SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 MAX_STREAM_IN_FLIGHT = 1024
 DRAIN_POLL_SECONDS = 0.05
 # The extensions ServerMetadata lists, in Triton's names.
-EXTENSIONS = ("classification", "model_configuration", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
+# A version's state in RepositoryIndex, in Triton's words (server/manager.py State -> Triton's ModelReadyState).
+_INDEX_STATES = {
+    "start": "LOADING",
+    "loading": "LOADING",
+    "available": "READY",
+    "unloading": "UNLOADING",
+    "failed": "UNAVAILABLE",
+}
 
 
 @contextlib.contextmanager
@@ -61,11 +71,6 @@ def _not_offered(method: str, extension: str, instead: str) -> Callable[..., Awa
     return handler
 
 
-_REPOSITORY = (
-    "model_repository",
-    "the server serves the models found in its repository at startup (ModelReady and ModelMetadata for each; "
-    "modelserver.v1 ListModels lists them); to change them, change the repository and restart the server",
-)
 _SYSTEM_SHM = ("system_shared_memory", "send tensors in the request (raw_input_contents or typed contents)")
 _CUDA_SHM = ("cuda_shared_memory", "send tensors in the request (raw_input_contents or typed contents)")
 _TRACE = ("trace", "the server's metrics are on its Prometheus /metrics port")
@@ -80,8 +85,9 @@ def _server_version() -> str:
 
 
 class OipService:
-    def __init__(self, core: InferenceService) -> None:
+    def __init__(self, core: InferenceService, repository_control: bool = False) -> None:
         self._core = core
+        self._repository_control = repository_control
         self._version = _server_version()
 
     def _label(self, name: str) -> str:
@@ -94,7 +100,7 @@ class OipService:
 
     @rpc("ServerReady", lambda self, request: "")
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerReadyResponse(ready=self._core.phase is Phase.SERVING)
+        return pb.ServerReadyResponse(ready=self._core.manager.server_ready())
 
     @rpc("ModelReady", lambda self, request: self._label(request.name))
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -180,10 +186,72 @@ class OipService:
         result = await self._core.infer(name, runtime.version, oip.decode_inputs(name, request), deadline)
         return oip.encode_response(request, name, result.version, result.outputs, outputs, classes, runtime.batched)
 
+    @rpc("RepositoryIndex", lambda self, request: "")
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> Any:
+        """Every version of every model with its state (READY, LOADING, UNLOADING, UNAVAILABLE with the load
+        error); `ready`: only the versions that serve now."""
+        self._check_repository(request.repository_name)
+        models = []
+        for summary in self._core.list_models():
+            if not summary.version_states and not request.ready:
+                models.append(pb.RepositoryIndexResponse.ModelIndex(
+                    name=summary.name, state="UNAVAILABLE", reason=summary.error or summary.state))  # fmt: skip
+            for version, state, error in summary.version_states:
+                ready = state == "available" and self._core.is_ready(summary.name, version)
+                if request.ready and not ready:
+                    continue
+                models.append(
+                    pb.RepositoryIndexResponse.ModelIndex(
+                        name=summary.name,
+                        version=str(version),
+                        state="READY" if ready else ("UNAVAILABLE" if state == "available" else _INDEX_STATES[state]),
+                        reason=error,
+                    )
+                )
+        return pb.RepositoryIndexResponse(models=models)
+
+    @rpc("RepositoryModelLoad", lambda self, request: self._label(request.model_name))
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        """Load (or reload) the model's versions from the repository now, as its version policy says."""
+        self._check_control("RepositoryModelLoad", request.repository_name)
+        if request.parameters:
+            raise InvalidInputError(
+                f"RepositoryModelLoad parameters {sorted(request.parameters)} are not supported: the model is loaded "
+                "from its folder in the repository (put its files there first)"
+            )
+        with _triton_words():
+            await self._core.manager.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc("RepositoryModelUnload", lambda self, request: self._label(request.model_name))
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        """Retire every version of the model (requests already accepted finish); it stays unloaded, repository
+        polling included, until a RepositoryModelLoad."""
+        self._check_control("RepositoryModelUnload", request.repository_name)
+        with _triton_words():
+            await self._core.manager.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _check_repository(self, name: str) -> None:
+        if name:
+            raise InvalidInputError(
+                f"unknown repository {quoted(name)}: this server has one model repository; leave repository_name empty"
+            )
+
+    def _check_control(self, method: str, repository_name: str) -> None:
+        if not self._repository_control:
+            raise NotAllowedError(
+                f"{method} is switched off: start the server with --repository-control true to load and unload "
+                "models through the Open Inference Protocol (new versions in the repository are loaded anyway, "
+                "see --repository-poll-seconds)"
+            )
+        self._check_repository(repository_name)
+
     # Extensions we do not offer: a clear UNIMPLEMENTED instead of gRPC's "Method not found!".
-    RepositoryIndex = _not_offered("RepositoryIndex", *_REPOSITORY)
-    RepositoryModelLoad = _not_offered("RepositoryModelLoad", *_REPOSITORY)
-    RepositoryModelUnload = _not_offered("RepositoryModelUnload", *_REPOSITORY)
     SystemSharedMemoryStatus = _not_offered("SystemSharedMemoryStatus", *_SYSTEM_SHM)
     SystemSharedMemoryRegister = _not_offered("SystemSharedMemoryRegister", *_SYSTEM_SHM)
     SystemSharedMemoryUnregister = _not_offered("SystemSharedMemoryUnregister", *_SYSTEM_SHM)
@@ -253,7 +321,7 @@ class OipService:
 
     async def _draining(self) -> None:
         """Returns once the server stops taking new requests (polled: streams are few, and 50 ms is early enough)."""
-        while self._core.phase in (Phase.STARTING, Phase.SERVING):
+        while self._core.phase is Phase.STARTING or self._core.phase in ACCEPTING:
             await asyncio.sleep(DRAIN_POLL_SECONDS)
 
     async def _stream_one(

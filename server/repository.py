@@ -28,6 +28,7 @@ MANIFEST = "modelserver-manifest.json"
 # A staging folder untouched for this long belongs to an export that crashed, not to one in progress.
 STALE_STAGING_SECONDS = 600.0
 SAVED_MODEL_FILE = "saved_model.pb"
+KERAS_FILE = "model.keras"  # Keras 3's native format: <repository>/<model>/<version>/model.keras
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,30 @@ class ModelVersion:
     name: str
     version: int
     path: Path
+    fingerprint: str = ""  # names, sizes and modification times of its files: changes while it is copied
+
+    @property
+    def format(self) -> str:
+        """'keras' for a model.keras file, else 'savedmodel'."""
+        return "keras" if (self.path / KERAS_FILE).is_file() else "savedmodel"
+
+    @property
+    def has_manifest(self) -> bool:
+        return (self.path / MANIFEST).is_file()
+
+
+def fingerprint(version_dir: Path) -> str:
+    """A cheap summary of a folder's files (relative name, size, modification time): equal in two scans a poll
+    apart only when nothing was written in between."""
+    digest = hashlib.sha256()
+    for path in sorted(version_dir.rglob("*")):
+        try:
+            stat = path.stat()
+        except OSError:  # removed while we looked: the folder is changing
+            digest.update(b"gone")
+            continue
+        digest.update(f"{path.relative_to(version_dir)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def _file_digest(path: Path) -> str:
@@ -150,6 +175,30 @@ def ensure_exported(repository: Path, name: str, version: int, build: Callable[[
         version_dir.rename(damaged)
     export_saved_model(build(seed), version_dir, seed)
     return True
+
+
+def scan(repository: Path) -> dict[str, list[ModelVersion]]:
+    """Every version folder of the repository that holds a model (a SavedModel or a model.keras file), by model
+    name, versions ascending, each with its fingerprint. Hidden folders (staging, damaged copies, a copy in
+    progress that will be renamed into place) are skipped. Whether a version is complete is decided by its
+    loader: a manifest must match, and a folder without one must have stopped changing (server/manager.py)."""
+    found: dict[str, list[ModelVersion]] = {}
+    if not repository.is_dir():
+        return found
+    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = []
+        try:
+            for version_dir in model_dir.iterdir():
+                if not (version_dir.is_dir() and version_dir.name.isdigit() and int(version_dir.name) > 0):
+                    continue
+                if (version_dir / SAVED_MODEL_FILE).is_file() or (version_dir / KERAS_FILE).is_file():
+                    versions.append(ModelVersion(model_dir.name, int(version_dir.name), version_dir,
+                                                 fingerprint(version_dir)))  # fmt: skip
+        except OSError as error:  # removed or renamed while we looked: the next scan sees what it became
+            log.info("repository scan of %s: %s", model_dir, error)
+        if versions:
+            found[model_dir.name] = sorted(versions, key=lambda v: v.version)
+    return found
 
 
 def discover(repository: Path) -> dict[str, list[ModelVersion]]:

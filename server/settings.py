@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from server.batching import BatchingConfig
+from server.version_policy import VersionPolicy, parse_model_policies
 
 ENV_PREFIX = "MODELSERVER_"
 MIB = 1 << 20
@@ -175,6 +176,31 @@ class Settings:
     max_batches_in_flight: int = _setting(
         2, "Batches of one model running at once, so preparing the next overlaps the current one.", int
     )
+    repository_poll_seconds: float = _setting(
+        2.0,
+        "Seconds between scans of the model repository for new, changed and removed versions (SIGHUP scans at "
+        "once); 0 = scan only at startup, on SIGHUP and on RepositoryModelLoad. Cheap (a folder listing per model), "
+        "and a version copied without a manifest loads only once unchanged over two scans.",
+        float,
+    )
+    version_policy: VersionPolicy = _setting(
+        VersionPolicy("latest", 1),
+        "Versions of each model to serve: latest:N (the N newest), all, or specific:V/V (as TF Serving's "
+        "model_version_policy).",
+        VersionPolicy.parse,
+    )
+    model_version_policy: dict[str, VersionPolicy] = _setting(
+        {},
+        "Per-model version policies: 'MODEL=POLICY;MODEL=POLICY', e.g. 'multi_input=latest:2'.",
+        parse_model_policies,
+    )
+    repository_control: bool = _setting(
+        False,
+        "Accept the Open Inference Protocol's RepositoryModelLoad and RepositoryModelUnload (they need a bearer token "
+        "when --auth-token-file is set). Off by default: anyone who reaches the port could unload models. "
+        "RepositoryIndex is always served.",
+        _bool,
+    )
     model_batching: dict[str, dict[str, Any]] = _setting(
         {},
         "Per-model overrides of the batching settings: 'MODEL:KEY=VALUE,...;MODEL:...' with keys "
@@ -192,6 +218,8 @@ class Settings:
         for name in ("grace_period", "shutdown_delay"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+        if self.repository_poll_seconds < 0:
+            problems.append(f"repository_poll_seconds must be >= 0 (0 = off), got {self.repository_poll_seconds}")
         if self.max_concurrent_rpcs < 0:
             problems.append(f"max_concurrent_rpcs must be >= 0 (0 = no limit), got {self.max_concurrent_rpcs}")
         if self.workers < 0:
@@ -237,6 +265,9 @@ class Settings:
         }
         config.update(self.model_batching.get(model, {}))
         return BatchingConfig(**config)
+
+    def version_policy_for(self, model: str) -> VersionPolicy:
+        return self.model_version_policy.get(model, self.version_policy)
 
     @property
     def tls_enabled(self) -> bool:

@@ -10,6 +10,7 @@ from server.errors import (
     DeadlineExpiredError,
     InvalidInputError,
     ModelNotFoundError,
+    NotAllowedError,
     OverloadedError,
     UnavailableError,
 )
@@ -22,6 +23,7 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
     OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
     DeadlineExpiredError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    NotAllowedError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

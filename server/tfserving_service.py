@@ -25,6 +25,7 @@ from tensorflow_serving.apis import (
 from server import tfserving_codec as tfs
 from server.errors import InvalidInputError, ModelNotFoundError, quoted_list
 from server.inference import InferenceService
+from server.manager import Phase
 from server.metrics import REQUESTS
 from server.rpc import deadline_of, rpc
 
@@ -32,11 +33,13 @@ PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["Predict
 MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"]
 
 _State = get_model_status_pb2.ModelVersionStatus.State
+# A version's state (server/manager.py) in TF Serving's terms; a failed version is END with its error, as there.
 _STATES = {
+    "start": _State.START,
     "loading": _State.LOADING,
     "available": _State.AVAILABLE,
-    "failed": _State.END,
     "unloading": _State.UNLOADING,
+    "failed": _State.END,
 }
 _UNKNOWN_ERROR = 2  # tensorflow.error.Code UNKNOWN: a load failure's code is not known more precisely
 
@@ -119,7 +122,9 @@ class ModelService(_Labels):
     async def GetModelStatus(
         self, request: get_model_status_pb2.GetModelStatusRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        """The served version's state: AVAILABLE, LOADING, UNLOADING, or END with the load error."""
+        """Every version's state (or the one asked for), as TF Serving reports them: START, LOADING, AVAILABLE,
+        UNLOADING, or END with the load error. An available version is LOADING while the server starts and
+        UNLOADING once it stops (it is not ready then), so this agrees with health and ModelReady."""
         spec = request.model_spec
         version = tfs.version_of(spec.name, spec)
         if version:
@@ -128,17 +133,24 @@ class ModelService(_Labels):
             phrase = f"Could not find any versions of model {tfs.shown(spec.name)}"
         with _tf_serving_words(phrase):
             summary = self._core.summary(spec.name)
-            if summary.state == "failed":
-                served = version or max(summary.versions)
-            else:
-                served = self._core.resolve(spec.name, version).version
-        status = get_model_status_pb2.ModelVersionStatus(version=served, state=_STATES[summary.state])
-        if summary.error:
-            status.status.error_code = _UNKNOWN_ERROR
-            status.status.error_message = summary.error
-        return get_model_status_pb2.GetModelStatusResponse(model_version_status=[status])
+            states = [s for s in summary.version_states if not version or s[0] == version]
+            if not states:
+                raise ModelNotFoundError(
+                    f"no such version; versions: {', '.join(map(str, summary.versions)) or 'none'}"
+                )
+        statuses = []
+        for number, state, error in states:
+            if state == "available" and not self._core.is_ready(spec.name, number):
+                state = "loading" if self._core.phase is Phase.STARTING else "unloading"
+            status = get_model_status_pb2.ModelVersionStatus(version=number, state=_STATES[state])
+            if error:
+                status.status.error_code = _UNKNOWN_ERROR
+                status.status.error_message = error
+            statuses.append(status)
+        return get_model_status_pb2.GetModelStatusResponse(model_version_status=statuses)
 
     HandleReloadConfigRequest = _not_offered(
         "HandleReloadConfigRequest",
-        "the server serves the models found in its repository at startup; change the repository and restart it",
+        "the server serves the versions it finds in its repository (scanned every --repository-poll-seconds, and on "
+        "SIGHUP), as each model's version policy says (--version-policy, --model-version-policy)",
     )

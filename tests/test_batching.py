@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -25,9 +26,11 @@ from server.errors import (
     UnavailableError,
 )
 from server.inference import InferenceService
+from server.manager import ModelManager, Phase
 from server.repository import export_saved_model
 from server.runtime import ModelRuntime
 from server.status import to_status
+from server.version_policy import VersionPolicy
 
 MODEL = "multi_input"
 
@@ -302,9 +305,11 @@ def test_invalid_requests_never_enter_the_queue(executor, runtime):
 
     async def scenario():
         batcher = make_batcher(executor, max_batch_size=8)
-        core = InferenceService(batcher)
-        core.add_model(runtime, (1,), batcher.config(MODEL))
-        core.start_serving()
+        manager = ModelManager(Path("unused"), load=None, retire_queue=batcher.retire,
+                               policy_for=lambda name: VersionPolicy("latest"))  # fmt: skip
+        manager.add_available(runtime)
+        manager.set_phase(Phase.SERVING)
+        core = InferenceService(manager, batcher, batcher.config)
         with pytest.raises(InvalidInputError):
             await core.infer(
                 MODEL, 0, {"input_a": np.zeros((2, 10), np.float32), "input_b": np.zeros((3, 20), np.float32)}

@@ -209,9 +209,6 @@ def test_malformed_stream_message_is_answered_on_the_stream(server):
 @pytest.mark.parametrize(
     ("call", "extension", "method"),
     [
-        (lambda c: c.get_model_repository_index(), "model_repository", "RepositoryIndex"),
-        (lambda c: c.load_model("multi_input"), "model_repository", "RepositoryModelLoad"),
-        (lambda c: c.unload_model("multi_input"), "model_repository", "RepositoryModelUnload"),
         (lambda c: c.get_system_shared_memory_status(), "system_shared_memory", "SystemSharedMemoryStatus"),
         (lambda c: c.register_system_shared_memory("r", "/k", 8), "system_shared_memory", "SystemSharedMemoryRegister"),
         (lambda c: c.unregister_cuda_shared_memory(), "cuda_shared_memory", "CudaSharedMemoryUnregister"),
@@ -225,8 +222,20 @@ def test_extensions_not_offered_are_unimplemented_with_a_reason(server, triton_c
     error = _error(lambda: call(triton_client))
     assert error.status() == "StatusCode.UNIMPLEMENTED"
     assert f"{method} belongs to the '{extension}' extension" in error.message()
-    assert "Extensions offered: classification, model_configuration, statistics" in error.message()
+    assert "Extensions offered: classification, model_configuration, model_repository, statistics" in error.message()
     assert server.metric("modelserver_requests_total", method=method, code="UNIMPLEMENTED") == before + 1
+
+
+@pytest.mark.parametrize(
+    "call",
+    [lambda c: c.load_model("multi_input"), lambda c: c.unload_model("multi_input")],
+    ids=["RepositoryModelLoad", "RepositoryModelUnload"],
+)
+def test_repository_control_is_off_by_default_and_says_how_to_turn_it_on(server, triton_client, call):
+    error = _error(lambda: call(triton_client))
+    assert error.status() == "StatusCode.FAILED_PRECONDITION"
+    assert "--repository-control true" in error.message()
+    assert triton_client.is_model_ready("multi_input")
 
 
 @pytest.mark.parametrize("protocol", ["oip", "oip-stream"])
