@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto')
 GENERATED := modelserver/v1/modelserver_pb2.py
 
-.PHONY: run test generate lint bench bench-reliability bench-protocols perf-analyzer clean
+.PHONY: run test generate lint bench bench-reliability bench-protocols bench-lifecycle perf-analyzer clean
 
 # Reinstall when the dependency pins change or the venv's interpreter no longer runs.
 $(STAMP): pyproject.toml requirements.lock
@@ -59,3 +59,7 @@ bench-reliability: $(STAMP) $(GENERATED)
 
 bench-protocols: $(STAMP) $(GENERATED)
 	$(PY) -m bench.protocols $(ARGS)
+
+# A version switch under 64 callers against the same load without one (about a minute).
+bench-lifecycle: $(STAMP) $(GENERATED)
+	$(PY) -m bench.lifecycle $(ARGS)

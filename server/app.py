@@ -98,6 +98,7 @@ async def _load_all(settings: Settings, manager: ModelManager, loading: _Loading
     )
     await manager.sync(initial=True)
     log.info("froze %d startup objects out of the garbage collector's reach", metrics.freeze_startup_heap())
+    manager.heap_frozen()
     manager.set_phase(Phase.SERVING)
 
 

@@ -72,6 +72,7 @@ class Version:
     error: str = ""
     runtime: ModelRuntime | None = None
     holders: int = 0  # requests admitted on it and not yet answered (queued or running)
+    frozen: bool = False  # loaded before the start-up heap was frozen (gc.freeze): out of the collector's reach
     released: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -122,6 +123,12 @@ class ModelManager:
         self.changed = asyncio.Condition()  # notified on every change of phase or state (health Watch)
 
     # -- the server's phase -----------------------------------------------------------------------
+
+    def heap_frozen(self) -> None:
+        """The start-up heap was just frozen (server.metrics.freeze_startup_heap): so were the loaded versions."""
+        for model in self._models.values():
+            for entry in model.versions.values():
+                entry.frozen = entry.runtime is not None
 
     def set_phase(self, phase: Phase) -> None:
         self.phase = phase
@@ -319,10 +326,13 @@ class ModelManager:
         entry.state = State.END
         self._publish()
         log.info("retired %s version %d", entry.name, entry.number)
-        # Its TensorFlow objects may sit among the objects frozen at start-up, out of the collector's reach.
-        gc.unfreeze()
-        gc.collect()
-        gc.freeze()
+        if entry.frozen:
+            # Its objects sit among those frozen at start-up, out of the collector's reach: one full collection
+            # (a pause of the event loop, paid once per version loaded at start-up) lets their memory go. Later
+            # versions were never frozen, and the collector reclaims them as it goes.
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
 
     def add_available(self, runtime: ModelRuntime) -> None:
         """Serve a runtime opened elsewhere (an embedding program, the batching tests' gated runtimes): it is

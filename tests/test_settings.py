@@ -40,6 +40,10 @@ def test_environment_then_flags_win():
         (["--max-pending-rpcs", "0"], {}, "max_pending_rpcs must be >= 1"),
         (["--auth-token-file", "/no/tokens"], {}, "auth_token_file: no such file /no/tokens"),
         (["--reflection", "maybe"], {}, "--reflection='maybe' is not valid"),
+        (["--version-policy", "newest"], {}, "--version-policy='newest' is not valid"),
+        (["--version-policy", "latest:0"], {}, "--version-policy='latest:0' is not valid"),
+        (["--model-version-policy", "multi_input:all"], {}, "--model-version-policy='multi_input:all' is not valid"),
+        (["--repository-poll-seconds", "-1"], {}, "repository_poll_seconds must be >= 0 (0 = off)"),
     ],
 )
 def test_bad_values_exit_2_with_a_clear_message(capsys, argv, environ, message):
@@ -64,3 +68,15 @@ def test_an_empty_token_file_is_refused_and_tokens_are_its_lines(tmp_path, capsy
     assert exited.value.code == 2 and "holds no token" in capsys.readouterr().err
     tokens.write_text("one\n\n two \n")
     assert parse_settings(["--auth-token-file", str(tokens)], environ={}).auth_tokens() == (b"one", b"two")
+
+
+def test_version_policies_choose_among_complete_versions():
+    settings = parse_settings(
+        ["--version-policy", "latest:2", "--model-version-policy", "a=all; b=specific:1/3"], environ={}
+    )
+    on_disk = [1, 2, 3, 5]
+    assert settings.version_policy_for("other").aspired(on_disk) == {3, 5}
+    assert settings.version_policy_for("a").aspired(on_disk) == {1, 2, 3, 5}
+    assert settings.version_policy_for("b").aspired(on_disk) == {1, 3}
+    assert settings.version_policy_for("b").aspired([2]) == set()
+    assert parse_settings([], environ={}).version_policy_for("x").aspired(on_disk) == {5}
