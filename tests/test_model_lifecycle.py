@@ -388,3 +388,37 @@ def test_a_keras_file_is_served_through_every_protocol_and_the_cli(tmp_path, exp
             np.testing.assert_allclose(np.asarray(printed[name]), np.asarray(value), atol=1e-5)
     finally:
         server.kill()
+
+
+def test_every_readiness_reader_agrees_while_draining(tmp_path, exported):
+    """After the signal and the in-transit window the server refuses new calls while it finishes accepted ones:
+    held here by the test, so that every reader is sampled while the drain is on."""
+    server = ServerProcess(make_repository(tmp_path, exported), holds=True)
+    try:
+        server.wait_serving()
+        stub = pb_grpc.ModelServiceStub(server.channel)
+        server.hold()
+        accepted = stub.PredictMultiInput.future(REQUEST, timeout=120)
+        server.wait_arrived(1)
+        server.process.send_signal(signal.SIGTERM)
+        # The drain is on once a new call is refused (calls accepted just after the signal wait in the model too).
+        probes: list[grpc.Future] = []
+        deadline = time.monotonic() + 60
+        while not any(p.done() and p.exception() is not None for p in probes):
+            assert time.monotonic() < deadline, "the server never refused a new call"
+            probes.append(stub.PredictMultiInput.future(REQUEST, timeout=120))
+            time.sleep(0.02)
+        refused = next(p.exception() for p in probes if p.done() and p.exception() is not None)
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.details()
+        assert readiness(server) == {
+            "health": ("NOT_SERVING", "NOT_SERVING"), "oip": (False, False), "metric": 0.0, "list": False,
+            "tf_serving": {1: State.UNLOADING},
+        }  # fmt: skip
+        assert not accepted.done()
+        server.release()
+        assert accepted.result(timeout=60).version == 1
+        assert all(p.exception(timeout=60) is None or p.exception().code() == grpc.StatusCode.UNAVAILABLE
+                   for p in probes)  # fmt: skip
+        assert server.process.wait(60) == 0
+    finally:
+        server.kill()
