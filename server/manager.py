@@ -283,6 +283,9 @@ class ModelManager:
             elif entry.state is State.FAILED and entry.number not in aspired:
                 entry.state = State.END
                 self._publish()
+        if not on_disk and not model.unloaded and all(v.state is State.END for v in model.versions.values()):
+            del self._models[name]  # its folder is gone and so is every version: the model is no more
+            self._publish()
 
     async def _load_version(self, model: Model, found: repository.ModelVersion, initial: bool) -> None:
         entry = Version(model.name, found.version, found.path, found.fingerprint, State.LOADING)
@@ -363,10 +366,14 @@ class ModelManager:
                     self._retire(entry)
 
     async def poll(self, seconds: float) -> None:
-        """Sync every `seconds` until cancelled."""
+        """Sync every `seconds` until cancelled; a failed scan is logged and the next one goes on."""
         while True:
             await asyncio.sleep(seconds)
-            await self.sync()
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("scanning the model repository %s failed; trying again in %.1fs", self._repository,
+                              seconds)  # fmt: skip
 
     async def close(self) -> None:
         for task in list(self._retiring):
