@@ -148,10 +148,12 @@ def test_rolling_restart_under_load(nginx: NginxProcess, replicas: Replicas) -> 
     assert set(plain_codes) <= {"OK", "UNAVAILABLE"}, dict(plain_codes)  # never CANCELLED, never an error
     made_on_the_way = [f for f in plain.failures if any(marker in f for marker in TRANSPORT_FAILURES)]
     assert made_on_the_way == [], made_on_the_way[:5]
-    # nginx answered nothing itself (a 502 would be its own UNAVAILABLE); every failure was a replica's answer.
+    # nginx's own answers are its UNAVAILABLE (the shipped error_page: a 204 with grpc-status 14): a call caught
+    # in the instant a replica's listener closed (README, Health and shutdown: once in about eight restarts).
     answered = nginx.access_counts() - answered_before
-    assert {status for status, _ in answered} == {"200"}, answered
-    assert sum(n for (_, grpc_status), n in answered.items() if grpc_status == "14") >= len(plain.failures), answered
+    assert {status for status, _ in answered} <= {"200", "204"}, answered
+    unavailable = sum(n for (status, grpc_status), n in answered.items() if grpc_status == "14" or status == "204")
+    assert unavailable >= len(plain.failures), answered
     assert nginx.errors()[errors_before:] == [], nginx.errors()[errors_before:][:5]
 
 

@@ -51,15 +51,16 @@ def test_drain_under_load_loses_nothing_and_never_cancels(model_repository, kera
 
 
 def test_overload_is_refused_with_resource_exhausted_and_the_server_recovers(model_repository, keras_models):
-    # A low admission limit, so that both an open loop and a crowd of callers go far beyond it.
-    server = ServerProcess(model_repository, ["--max-concurrent-rpcs", "100"])
+    # A low admission limit, so that both an open loop and a crowd of callers go far beyond it. The crowd meets
+    # it while the test holds the model: admitted calls cannot finish, so the limit is reached on any machine.
+    server = ServerProcess(model_repository, ["--max-concurrent-rpcs", "100"], holds=True)
     request, expected = _one_row(keras_models)
     try:
         server.wait_serving()
         refused_before = server.metric(
             "modelserver_requests_total", model="multi_input", method="PredictMultiInput", code="RESOURCE_EXHAUSTED"
         )
-        crowd = asyncio.run(_crowd(server.target, request, callers=1500, seconds=3.0))
+        crowd = asyncio.run(_crowd(server, request, callers=1500, seconds_after_release=2.0))
         open_loop = asyncio.run(
             run_loadtest(
                 LoadTestConfig(
@@ -96,11 +97,14 @@ def test_overload_is_refused_with_resource_exhausted_and_the_server_recovers(mod
         server.kill()
 
 
-async def _crowd(target: str, request: pb.PredictMultiInputRequest, callers: int, seconds: float) -> dict[str, int]:
-    """`callers` closed-loop callers for `seconds`: the shape of a sudden crowd."""
+async def _crowd(
+    server: ServerProcess, request: pb.PredictMultiInputRequest, callers: int, seconds_after_release: float
+) -> dict[str, int]:
+    """`callers` closed-loop callers, the shape of a sudden crowd: the model is held until the crowd has met the
+    admission limit (a refusal came back), then released, and the crowd goes on for `seconds_after_release`."""
     codes: collections.Counter[str] = collections.Counter()
-    end = time.monotonic() + seconds
-    async with grpc.aio.insecure_channel(target) as channel:
+    stop = False
+    async with grpc.aio.insecure_channel(server.target) as channel:
         predict = channel.unary_unary(
             "/modelserver.v1.ModelService/PredictMultiInput",
             request_serializer=pb.PredictMultiInputRequest.SerializeToString,
@@ -108,14 +112,25 @@ async def _crowd(target: str, request: pb.PredictMultiInputRequest, callers: int
         )
 
         async def caller() -> None:
-            while time.monotonic() < end:
+            while not stop:
                 try:
-                    await predict(request, timeout=10)
+                    await predict(request, timeout=60)
                     codes["OK"] += 1
                 except grpc.aio.AioRpcError as error:
                     codes[error.code().name] += 1
 
-        await asyncio.gather(*(caller() for _ in range(callers)))
+        server.hold()
+        try:
+            tasks = [asyncio.create_task(caller()) for _ in range(callers)]
+            deadline = time.monotonic() + 120
+            while codes["RESOURCE_EXHAUSTED"] == 0:
+                assert time.monotonic() < deadline, f"{callers} callers never met the admission limit: {codes}"
+                await asyncio.sleep(0.01)
+        finally:
+            server.release()
+        await asyncio.sleep(seconds_after_release)
+        stop = True
+        await asyncio.gather(*tasks)
     return dict(codes)
 
 
