@@ -59,3 +59,24 @@ bench-reliability: $(STAMP) $(GENERATED)
 
 bench-protocols: $(STAMP) $(GENERATED)
 	$(PY) -m bench.protocols $(ARGS)
+
+# The image (Dockerfile), built with podman from a wheelhouse (README, "The image"). `make image` needs podman and
+# root: the stand-in base image is made from Debian's packages (deploy/podman/make-base-image) when it is missing,
+# since no container registry is reachable here; BASE_IMAGE=python:3.11-slim-bookworm uses the official one.
+IMAGE ?= localhost/modelserver:local
+BASE_IMAGE ?= localhost/modelserver-base:bookworm
+WHEELHOUSE := deploy/docker/wheelhouse
+.PHONY: image base-image wheelhouse
+wheelhouse: $(WHEELHOUSE)/.complete
+$(WHEELHOUSE)/.complete: pyproject.toml requirements.lock deploy/docker/requirements-image.lock | $(STAMP)
+	$(PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+		> $(WHEELHOUSE)/requirements.txt
+	$(PY) -m pip download --quiet --only-binary=:all: --dest $(WHEELHOUSE) \
+		-r $(WHEELHOUSE)/requirements.txt -r deploy/docker/requirements-image.lock -c requirements.lock
+	@touch $@
+
+base-image:
+	@case "$(BASE_IMAGE)" in localhost/*) deploy/podman/make-base-image $(BASE_IMAGE);; esac
+
+image: wheelhouse base-image deploy-tools
+	podman build --format docker --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) .
