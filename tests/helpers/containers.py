@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.server import REPO_ROOT
 
-IMAGE = "localhost/modelserver:test"
+IMAGE = "localhost/modelserver:local"  # `make image`'s, and the name docker-compose.yml gives the image
 BASE_IMAGE = "localhost/modelserver-base:bookworm"
 BUILD_SECONDS = 1500  # a first build makes the base image (debootstrap) and a wheelhouse; later ones reuse both
 
