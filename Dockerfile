@@ -1,7 +1,12 @@
 # syntax=docker/dockerfile:1
 # modelserver: gRPC on 50051, Prometheus /metrics on 8000, built-in models exported into /models at start.
 # Build: docker build -t modelserver .        GPU: docker build --build-arg TENSORFLOW_EXTRA=and-cuda -t modelserver:gpu .
-FROM python:3.11-slim-bookworm
+# podman/buildah: add --format docker, or the image loses its HEALTHCHECK (the OCI format has none). `make image`
+# builds it with podman from a wheelhouse, offline (README, "The image").
+# BASE_IMAGE: the official image by default; `make image` uses a stand-in made from Debian's packages.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+# hadolint ignore=DL3006
+FROM ${BASE_IMAGE}
 
 # "and-cuda" adds the CUDA libraries (pinned in deploy/docker/requirements-gpu.lock) for the GPU variant.
 ARG TENSORFLOW_EXTRA=""
@@ -16,14 +21,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Dependencies first, in their own layer: it is rebuilt only when the pins change, not on every code change.
-# The runtime dependencies come from pyproject.toml, their versions (and their dependencies') from the lock.
+# The runtime dependencies come from pyproject.toml, their versions (and their dependencies') from the lock; pip,
+# setuptools and wheel from requirements-image.lock. Build hook: when deploy/docker/wheelhouse/ holds wheels
+# (`make wheelhouse` downloads them on the host, through the host's pip configuration, mirror and CA), pip
+# installs from there alone and needs no network (README, "The image"); otherwise from PyPI.
 COPY pyproject.toml requirements.lock ./
-COPY deploy/docker/requirements-gpu.lock deploy/docker/
+COPY deploy/docker/requirements-gpu.lock deploy/docker/requirements-image.lock deploy/docker/
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+RUN --mount=type=bind,source=deploy/docker/wheelhouse,target=/wheelhouse \
+    python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
         > /tmp/requirements.txt \
     && if [ -n "$TENSORFLOW_EXTRA" ]; then sed -i "s/^tensorflow==/tensorflow[$TENSORFLOW_EXTRA]==/" /tmp/requirements.txt; fi \
-    && pip install -r /tmp/requirements.txt -c requirements.lock -c deploy/docker/requirements-gpu.lock \
+    && if compgen -G "/wheelhouse/*.whl" >/dev/null; then source=(--no-index --find-links /wheelhouse); else source=(); fi \
+    && pip install "${source[@]}" -r deploy/docker/requirements-image.lock \
+    && pip install "${source[@]}" -r /tmp/requirements.txt -c requirements.lock -c deploy/docker/requirements-gpu.lock \
     && rm /tmp/requirements.txt
 
 # A user (numeric, so Kubernetes' runAsNonRoot can check it) without a login or home; it owns the model repository (a named volume mounted at /models

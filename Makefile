@@ -63,3 +63,29 @@ bench-protocols: $(STAMP) $(GENERATED)
 # A version switch under 64 callers against the same load without one (about a minute).
 bench-lifecycle: $(STAMP) $(GENERATED)
 	$(PY) -m bench.lifecycle $(ARGS)
+
+# The image (Dockerfile), built with podman from a wheelhouse (README, "The image"). `make image` needs podman and
+# root: the stand-in base image is made from Debian's packages (deploy/podman/make-debian-image) when it is missing,
+# since no container registry is reachable here; BASE_IMAGE=python:3.11-slim-bookworm uses the official one.
+IMAGE ?= localhost/modelserver:local
+BASE_IMAGE ?= localhost/modelserver-base:bookworm
+WHEELHOUSE := deploy/docker/wheelhouse
+.PHONY: image base-image nginx-image wheelhouse
+wheelhouse: $(WHEELHOUSE)/.complete
+$(WHEELHOUSE)/.complete: pyproject.toml requirements.lock deploy/docker/requirements-image.lock | $(STAMP)
+	$(PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+		> $(WHEELHOUSE)/requirements.txt
+	$(PY) -m pip download --quiet --only-binary=:all: --dest $(WHEELHOUSE) \
+		-r $(WHEELHOUSE)/requirements.txt -r deploy/docker/requirements-image.lock -c requirements.lock
+	@touch $@
+
+base-image:
+	@case "$(BASE_IMAGE)" in localhost/*) deploy/podman/make-debian-image python $(BASE_IMAGE);; esac
+
+# Debian's nginx as an image, for the compose stack under podman (tests/test_deploy_compose.py).
+NGINX_IMAGE ?= localhost/modelserver-nginx:bookworm
+nginx-image: deploy-tools
+	deploy/podman/make-debian-image nginx $(NGINX_IMAGE)
+
+image: wheelhouse base-image deploy-tools
+	podman build --format docker --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) .

@@ -66,6 +66,8 @@ def _open_version(loading: _Loading, found: repository.ModelVersion) -> ModelRun
     loading.holds.wait("load", found.name)
     runtime_class = KerasRuntime if found.format == "keras" else ModelRuntime
     runtime = runtime_class(found.name, found.version, found.path, loading.device)
+    if loading.holds.folder is not None:
+        runtime.before_call = functools.partial(loading.holds.wait, "warmup")
     loading.batcher.warm_up(runtime)
     if loading.holds.folder is not None:
         runtime.before_call = functools.partial(loading.holds.wait, "predict")
@@ -77,10 +79,14 @@ def _prepare_repository(settings: Settings, holds: HoldPoints) -> str:
     device = select_device(settings.intra_op_threads, settings.inter_op_threads)
     metrics.DEVICE_INFO.labels(device).set(1)
     for definition in BUILTIN_MODELS.values():
-        holds.wait("export", definition.name)
         started = time.perf_counter()
         if repository.ensure_exported(
-            settings.model_repository, definition.name, definition.version, definition.build, settings.seed
+            settings.model_repository,
+            definition.name,
+            definition.version,
+            definition.build,
+            settings.seed,
+            functools.partial(holds.wait, "export", definition.name),
         ):
             log.info(
                 "exported %s version %d in %.2fs",
@@ -288,6 +294,19 @@ async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callabl
             if notify is not None:
                 notify("serving")
     await stopping
+    if not starting.done():
+        # Still exporting, loading or warming up: no call has been accepted (model calls get UNAVAILABLE until
+        # SERVING), so stop at once. The export or load on the executor cannot be interrupted and is not waited
+        # for: the caller ends the process (server/__main__.py); an export's staging folder is never loaded and
+        # the next start removes it (server/repository.py).
+        log.info("signal received while starting: stopping now, nothing accepted yet")
+        starting.cancel()
+        await server.stop(0)
+        await manager.close()
+        await admission.stop()
+        executor.shutdown(wait=False, cancel_futures=True)
+        marker.close()
+        return 0
     log.info("signal received: health NOT_SERVING, %d request(s) in flight", core.in_flight)
     starting.cancel()
     if polling is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-POINTS = ("predict", "load", "export")
+POINTS = ("predict", "load", "warmup", "export", "import")
 POLL_SECONDS = 0.002
 
 

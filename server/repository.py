@@ -4,17 +4,23 @@ A built-in model is exported into a hidden temporary folder, a manifest of its f
 sha256) is written last, and only then is the folder renamed into place: a crash mid-export leaves
 a temporary folder that is never loaded, never a half-written version. A version with a manifest is
 loaded only when every file matches it. A user's own SavedModel (no manifest) is loaded as it is.
+
+An export holds an exclusive lock (flock) on `<model>/.export.lock` from its check to its rename. Replicas that
+share a repository therefore export a model once, and whoever holds the lock knows that every temporary folder
+it finds was left by an export that ended early (a signal during start-up, a crash, SIGKILL: the kernel drops
+the lock of a dead process) and removes it at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import shutil
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,8 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST = "modelserver-manifest.json"
-# A staging folder untouched for this long belongs to an export that crashed, not to one in progress.
-STALE_STAGING_SECONDS = 600.0
+EXPORT_LOCK = ".export.lock"
 SAVED_MODEL_FILE = "saved_model.pb"
 KERAS_FILE = "model.keras"  # Keras 3's native format: <repository>/<model>/<version>/model.keras
 
@@ -90,8 +95,13 @@ def is_intact(version_dir: Path) -> bool:
         return False
 
 
-def export_saved_model(model: keras.Model, version_dir: Path, seed: int) -> None:
-    """Export a Keras model as a SavedModel whose serving signature keeps input and output names."""
+def export_saved_model(
+    model: keras.Model, version_dir: Path, seed: int, before_commit: Callable[[], None] | None = None
+) -> None:
+    """Export a Keras model as a SavedModel whose serving signature keeps input and output names.
+
+    `before_commit` runs once the files are written and before the folder is renamed into place (the tests'
+    "export" hold point: an export in progress)."""
     import keras
     import tensorflow as tf
 
@@ -122,6 +132,8 @@ def export_saved_model(model: keras.Model, version_dir: Path, seed: int) -> None
             "files": _manifest_files(staging),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if before_commit is not None:
+            before_commit()
         staging.rename(version_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -134,30 +146,62 @@ def _exported_seed(version_dir: Path) -> int | None:
         return None
 
 
-def remove_stale_staging(model_dir: Path, older_than: float = STALE_STAGING_SECONDS) -> list[Path]:
-    """Delete staging folders that a crashed export left behind; a recent one may be another replica's export
-    in progress (replicas can share a repository volume), so it stays. Returns what was removed."""
-    removed = []
-    now = time.time()
-    for staging in model_dir.glob(".tmp-*"):
+@contextlib.contextmanager
+def export_lock(model_dir: Path) -> Iterator[None]:
+    """Hold the model's export lock (blocking while another process exports it; released by the kernel if this
+    process dies)."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with (model_dir / EXPORT_LOCK).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if staging.is_dir() and now - staging.stat().st_mtime > older_than:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def remove_abandoned_staging(model_dir: Path) -> list[Path]:
+    """Delete the staging folders of exports that ended early. Call it holding the model's export lock: then no
+    export of this model is in progress anywhere, so every staging folder is a leftover. Returns what was removed."""
+    removed = []
+    for staging in sorted(model_dir.glob(".tmp-*")):
+        try:
+            if staging.is_dir():
                 shutil.rmtree(staging)
                 removed.append(staging)
         except OSError as error:
-            log.warning("cannot remove stale export folder %s: %s", staging, error)
+            log.warning("cannot remove abandoned export folder %s: %s", staging, error)
     return removed
 
 
-def ensure_exported(repository: Path, name: str, version: int, build: Callable[[int], keras.Model], seed: int) -> bool:
+def ensure_exported(
+    repository: Path,
+    name: str,
+    version: int,
+    build: Callable[[int], keras.Model],
+    seed: int,
+    before_commit: Callable[[], None] | None = None,
+) -> bool:
     """Export a built-in model unless an intact copy of that version, built with `seed`, is already there.
 
     Returns True when it exported. A damaged copy is moved aside (kept for inspection) and rebuilt. So is a copy
     built with another seed: the --seed setting decides the weights, so that every replica started with the same
-    settings answers the same, whatever an earlier run left in a shared repository.
+    settings answers the same, whatever an earlier run left in a shared repository. Runs under the model's export
+    lock (see the module's docstring); `before_commit` as in export_saved_model.
     """
+    with export_lock(repository / name):
+        return _ensure_exported_locked(repository, name, version, build, seed, before_commit)
+
+
+def _ensure_exported_locked(
+    repository: Path,
+    name: str,
+    version: int,
+    build: Callable[[int], keras.Model],
+    seed: int,
+    before_commit: Callable[[], None] | None,
+) -> bool:
     version_dir = repository / name / str(version)
-    for staging in remove_stale_staging(version_dir.parent):
+    for staging in remove_abandoned_staging(version_dir.parent):
         log.warning("removed %s, left by an export that did not finish", staging)
     if is_intact(version_dir):
         exported_seed = _exported_seed(version_dir)
@@ -173,7 +217,7 @@ def ensure_exported(repository: Path, name: str, version: int, build: Callable[[
         damaged = version_dir.parent / f".damaged-{version}-{uuid.uuid4().hex}"
         log.warning("model %s version %d is not intact; moving it to %s and exporting again", name, version, damaged)
         version_dir.rename(damaged)
-    export_saved_model(build(seed), version_dir, seed)
+    export_saved_model(build(seed), version_dir, seed, before_commit)
     return True
 
 

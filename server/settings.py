@@ -141,9 +141,11 @@ class Settings:
     test_hold_dir: Path | None = _setting(
         None,
         "Testing aid, off by default: while DIR/predict exists, every model call made after warm-up waits before "
-        "it runs (DIR/load: before each model loads; DIR/export: before each built-in model is exported), and "
-        "each call that reaches such a point appends a line to DIR/<point>.arrived. A test holds the model busy "
-        "this way, whatever the machine's speed, and releases it by deleting the file.",
+        "it runs (DIR/import: before TensorFlow is imported; DIR/load: before each model loads; DIR/warmup: "
+        "before each warm-up call; DIR/export: in each "
+        "built-in model's export, its files written but not yet renamed into place), and each call that reaches "
+        "such a point appends a line to DIR/<point>.arrived. A test holds the model busy this way, whatever the "
+        "machine's speed, and releases it by deleting the file.",
         _optional_path,
     )
     workers: int = _setting(

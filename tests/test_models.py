@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
-import os
-import time
 
 import numpy as np
 import pytest
@@ -147,20 +146,43 @@ def test_a_flipped_byte_of_the_same_size_is_damage(tmp_path):
     assert (aside[0] / "variables" / variables.name).read_bytes() == bytes(data)  # the damaged copy, kept as it was
 
 
-def test_stale_staging_folders_are_removed_and_recent_ones_kept(tmp_path):
-    """A recent .tmp-* folder may be another replica's export in progress; only old ones are crash leftovers."""
-    stale, recent = tmp_path / ".tmp-1-stale", tmp_path / ".tmp-1-recent"
-    for folder in (stale, recent):
-        folder.mkdir()
-        (folder / "saved_model.pb").write_bytes(b"partial")
-    (tmp_path / "1").mkdir()  # a version folder, never touched
-    aged = time.time() - repository.STALE_STAGING_SECONDS - 60
-    os.utime(stale, (aged, aged))
+def test_staging_folders_left_by_exports_that_ended_early_are_removed_under_the_export_lock(tmp_path):
+    """Whoever holds a model's export lock knows that no export of it runs anywhere: every .tmp-* folder is a
+    leftover (a signal during start-up, a crash, SIGKILL), however recent, and goes; version folders stay."""
+    model_dir = tmp_path / "multi_input"
+    model_dir.mkdir()
+    left = model_dir / ".tmp-1-left"
+    left.mkdir()
+    (left / "saved_model.pb").write_bytes(b"partial")
+    (model_dir / "1").mkdir()
 
-    assert repository.remove_stale_staging(tmp_path) == [stale]
-    assert not stale.exists()
-    assert recent.is_dir() and (recent / "saved_model.pb").is_file()
-    assert (tmp_path / "1").is_dir()
+    with repository.export_lock(model_dir):
+        assert repository.remove_abandoned_staging(model_dir) == [left]
+    assert not left.exists()
+    assert (model_dir / "1").is_dir()
+
+
+def test_an_export_holds_the_lock_from_check_to_rename(tmp_path):
+    """Replicas sharing a volume: while one exports (files written, not yet renamed into place), nobody else can
+    take the lock, so nobody removes its staging folder or exports the same version beside it."""
+    definition = BUILTIN_MODELS["multi_input"]
+    seen = {}
+
+    def before_commit() -> None:
+        seen["staging"] = [p.name for p in (tmp_path / "multi_input").glob(".tmp-1-*")]
+        with (tmp_path / "multi_input" / repository.EXPORT_LOCK).open("a") as other:  # another open file: another owner
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen["locked"] = False
+            except BlockingIOError:
+                seen["locked"] = True
+
+    assert repository.ensure_exported(tmp_path, "multi_input", 1, definition.build, 1234, before_commit)
+    assert seen["locked"] is True and len(seen["staging"]) == 1
+    assert repository.is_intact(tmp_path / "multi_input" / "1")
+    assert not list((tmp_path / "multi_input").glob(".tmp-*"))
+    with (tmp_path / "multi_input" / repository.EXPORT_LOCK).open("a") as other:  # released after the export
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_a_version_exported_with_another_seed_is_moved_aside_and_exported_again(tmp_path, keras_models):
