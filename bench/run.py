@@ -32,7 +32,7 @@ from tests.helpers.server import ServerProcess  # noqa: E402
 
 CONCURRENCIES = (1, 16, 64, 256)
 CNN_ROWS = 32
-OTHER_POLICIES = ("eager", "fixed")  # the default policy is "idle" (server/batching.py)
+OTHER_POLICIES = ("fixed",)  # the default policy is "cost" (server/batch_policy.py)
 MAIN_VARIANTS = ("echo", "unbatched", "batched")
 OPEN_LOOP_SHARES = (0.1, 0.25, 0.5)
 
@@ -182,7 +182,7 @@ def run(duration: float, rounds: int) -> dict:
         targets["batched"] = start_server(repository)
         for policy in OTHER_POLICIES:
             # Each policy with the in-flight setting it was designed with.
-            in_flight = "1" if policy == "eager" else "2"
+            in_flight = "2"
             targets[f"batched_{policy}"] = start_server(
                 repository, "--batching-policy", policy, "--max-batches-in-flight", in_flight
             )

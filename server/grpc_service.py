@@ -29,7 +29,6 @@ def _tensor_spec(spec: TensorSpec, batched: bool) -> pb.TensorSpec:
 
 
 def metadata_message(meta: ModelMetadata) -> pb.GetModelMetadataResponse:
-    b = meta.batching
     return pb.GetModelMetadataResponse(
         name=meta.name,
         version=meta.version,
@@ -38,15 +37,7 @@ def metadata_message(meta: ModelMetadata) -> pb.GetModelMetadataResponse:
         inputs=[_tensor_spec(s, meta.batched) for s in meta.inputs],
         outputs=[_tensor_spec(s, meta.batched) for s in meta.outputs],
         device=meta.device,
-        batching=pb.BatchingSettings(
-            enabled=b.enabled,
-            max_batch_size=b.max_batch_size,
-            batch_timeout_seconds=b.batch_timeout,
-            max_queued_rows=b.max_queued_rows,
-            allowed_batch_sizes=b.allowed_batch_sizes,
-            policy=b.policy,
-            max_batches_in_flight=b.max_batches_in_flight,
-        ),
+        batching=pb.BatchingSettings(**meta.batching.message_fields()),
         ready=meta.ready,
     )
 
