@@ -4,12 +4,18 @@ The cost model: one model call of k rows takes a + b*k seconds, fitted online to
 moving average per padded size, then a least-squares line through them). The same model answers how long the work
 queued now will take: the admission wait estimate and the back-off hint of a full queue.
 
-The policy ('cost'), for a model with a free batch slot and n rows queued, arriving at rate r rows/s:
+The policy ('cost'), for a model with a free batch slot and n rows queued, arriving at rate r rows/s, one call
+costing a + b*k seconds and each request h seconds of the event loop's CPU (the interpreter both share):
 - n >= max_batch_size: run ("full").
-- Waiting w seconds for r*w more rows makes this slot's throughput (n + r*w) / (w + a + b*(n + r*w)), whose
-  derivative in w has the sign of r*a - n, whatever w. So waiting pays exactly while r*a > n: while the rows
-  expected to arrive within one call's fixed cost outnumber those queued. Otherwise run at once ("idle"): a lone
-  caller never waits, since it cannot arrive faster than one call (r <= 1 / (a + b) < 1 / a).
+- Waiting w seconds for r*w more rows: the interpreter does (n + r*w)*h of request work, one call (a + b*k) and
+  sits idle w*(1 - r*h) (when arrivals do not keep it busy). Rows per interpreter-second,
+  (n + r*w) / ((n + r*w)*h + a + b*(n + r*w) + w*(1 - r*h)), has a derivative in w whose sign is r*(a + n*h) - n
+  (with b's terms cancelling), whatever w. So waiting pays exactly while r*(a + n*h) > n: while the rows expected
+  to arrive outnumber those queued, counting the rows that arrive while the interpreter works on the queued
+  ones. It waits only when that holds by WAIT_MARGIN; otherwise it runs at once ("idle"). A lone caller never
+  waits: its next request cannot come before its answer, so r <= 1 / (a + b + h) and r*(a + h) < 1. On an idle
+  server r*h is small and waiting pays only for rows arriving within one call; as request work fills the
+  interpreter (r*h near 1) every row expected pays.
 - While it waits, it runs when the oldest row has waited batch_timeout, or arrivals stop (no row for two mean
   gaps) ("waited"), and never later than the earliest queued deadline less one call's time ("deadline").
 Policy 'fixed' waits for a full batch or batch_timeout, whatever the cost (and still never past a deadline).
@@ -17,12 +23,18 @@ Policy 'fixed' waits for a full batch or batch_timeout, whatever the cost (and s
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 # Weight of the newest timing of a padded size in its moving average.
-TIMING_WEIGHT = 0.2
-# Weight of the newest arrival gap in the mean gap per row (see ArrivalRate).
-ARRIVAL_WEIGHT = 0.2
+TIMING_WEIGHT = 0.1
+# Arrivals the arrival rate is measured over, and a pause that starts the measure afresh.
+ARRIVAL_WINDOW = 32
+ARRIVAL_QUIET = 0.5
+# Waiting must pay by this factor: the rate, the call's cost and the loop's cost per request are moving averages
+# over different windows, and a lone caller's r*(a + h) is below 1 only by its own share of the round trip (the
+# client's time, the network): noise must not make it wait.
+WAIT_MARGIN = 1.25
 # Arrivals have stopped when no row came for this many mean gaps: a wait for more ends.
 LULL_GAPS = 2.0
 
@@ -34,6 +46,9 @@ class CostModel:
     a: float = 0.0
     b: float = 0.0
     by_size: dict[int, float] = field(default_factory=dict)
+    # Seconds of the event loop's CPU per request (decoding, validating, queueing, answering): the server's
+    # Python work that competes with model calls for the interpreter. Measured by the batcher.
+    per_request: float = 0.0
 
     def seconds(self, rows: int) -> float:
         return self.a + self.b * rows
@@ -72,22 +87,28 @@ class CostModel:
         return (waves - 1) * self.seconds(max_batch_size) + self.seconds(rest or max_batch_size)
 
 
-@dataclass
 class ArrivalRate:
-    """Rows per second arriving at one model's queue: the mean gap per row, a moving average over arrivals."""
+    """Rows per second arriving at one model's queue, over its last ARRIVAL_WINDOW arrivals (a window, not a moving
+    average of gaps: bursts of lock-step callers and a lone caller's steady pace both read as their true mean)."""
 
-    gap: float = float("inf")  # mean seconds per row
-    last: float = float("-inf")
+    def __init__(self) -> None:
+        self._window: deque[tuple[float, int]] = deque(maxlen=ARRIVAL_WINDOW)  # (time, rows arrived before it)
+        self._rows = 0
+        self.last = float("-inf")
 
     def arrived(self, now: float, rows: int) -> None:
-        if self.last != float("-inf"):
-            sample = (now - self.last) / rows
-            self.gap = sample if self.gap == float("inf") else self.gap + ARRIVAL_WEIGHT * (sample - self.gap)
+        if self._window and now - self.last > ARRIVAL_QUIET:
+            self._window.clear()  # a pause this long ends the window: the rate before it says nothing now
+        self._window.append((now, self._rows))
+        self._rows += rows
         self.last = now
 
     @property
     def rows_per_second(self) -> float:
-        return 0.0 if self.gap in (0.0, float("inf")) else 1.0 / self.gap
+        if len(self._window) < 2:
+            return 0.0
+        (first, rows_before), (last, rows_at_last) = self._window[0], self._window[-1]
+        return 0.0 if last == first else (rows_at_last - rows_before) / (last - first)
 
 
 @dataclass(frozen=True)
@@ -129,10 +150,8 @@ def decide(state: QueueState, cost: CostModel, now: float, limits: Limits) -> De
     )
     if now >= latest_start:
         return Decision(True, "deadline")
-    if not limits.fixed:
-        expected = state.rate * cost.a  # rows arriving within one call's fixed cost
-        if expected <= state.rows:
-            return Decision(True, "idle")
+    if not limits.fixed and state.rate * (cost.a + state.rows * cost.per_request) <= WAIT_MARGIN * state.rows:
+        return Decision(True, "idle")
     window_end = state.oldest + limits.batch_timeout
     if not limits.fixed:
         window_end = min(window_end, state.last_arrival + LULL_GAPS / state.rate)

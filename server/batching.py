@@ -142,6 +142,7 @@ class Batcher:
         self.config = functools.cache(config_for)
         self._clock = clock
         self._queues: dict[tuple[str, int], _ModelQueue] = {}
+        self._loop_cpu = _LoopCpu()
 
     def warm_up(self, runtime: ModelRuntime) -> None:
         """Run every allowed batch size once (blocking), so no request pays for a first call of a shape."""
@@ -222,6 +223,9 @@ class Batcher:
             for task in tasks:
                 heapq.heappush(queue.deadlines, (deadline, next(_sequence), task))
         queue.arrivals.arrived(now, rows)
+        if self._loop_cpu.request():
+            for each in self._queues.values():
+                each.cost.per_request = self._loop_cpu.per_request
         queue.metrics.queue_rows.set(queue.rows)
         self._pump(queue)
         try:
@@ -287,12 +291,23 @@ class Batcher:
             return
         queue.running += 1
         queue.running_rows += rows
-        call.add_done_callback(functools.partial(self._finish, queue, batch, rows, reason))
+        call.add_done_callback(functools.partial(self._finish, queue, batch, rows, reason, time.perf_counter()))
 
     def _finish(
-        self, queue: _ModelQueue, batch: list[_Task], rows: int, reason: str, call: asyncio.Future[_Outcome]
+        self,
+        queue: _ModelQueue,
+        batch: list[_Task],
+        rows: int,
+        reason: str,
+        started: float,
+        call: asyncio.Future[_Outcome],
     ) -> None:
-        """Back on the event loop: hand each live task its own rows (or the call's error), then look again."""
+        """Back on the event loop: hand each live task its own rows (or the call's error), then look again.
+
+        The cost model learns the call's time as the event loop sees it, from `_start` to here: the model call,
+        and the waits for a thread, for the GIL and for the loop's turn that a busy process adds to it. Under
+        load that time grows, and with it the rows worth waiting for; a lone caller still never waits, since its
+        next request cannot come before this answer."""
         queue.running -= 1
         queue.running_rows -= rows
         try:
@@ -302,43 +317,76 @@ class Batcher:
                 if not task.future.done():
                     task.future.set_exception(error)
         else:
-            _resolve(queue, outcome, reason)
+            if _resolve(queue, outcome, reason):
+                queue.cost.observe(outcome.padded, time.perf_counter() - started)
         if queue.tasks:
             self._pump(queue)
 
 
-def _resolve(queue: _ModelQueue, outcome: _Outcome, reason: str) -> None:
+class _LoopCpu:
+    """The event loop thread's CPU time per request, over windows of SAMPLE_REQUESTS requests (all models) without
+    a pause: a gap of IDLE_GAP between two requests starts the window afresh, so that idle work (timers, health
+    checks, loading) is not charged to requests."""
+
+    SAMPLE_REQUESTS = 64
+    IDLE_GAP = 0.05
+
+    def __init__(self) -> None:
+        self.per_request = 0.0
+        self._requests = 0
+        self._cpu = 0.0
+        self._last = float("-inf")
+
+    def request(self) -> bool:
+        """Count one request (on the loop thread); True when the estimate was just updated."""
+        wall = time.monotonic()
+        idle, self._last = wall - self._last > self.IDLE_GAP, wall
+        if idle:
+            self._cpu, self._requests = time.thread_time(), 0
+            return False
+        self._requests += 1
+        if self._requests < self.SAMPLE_REQUESTS:
+            return False
+        cpu = time.thread_time()
+        sample = (cpu - self._cpu) / self._requests
+        self._cpu, self._requests = cpu, 0
+        self.per_request = sample if self.per_request == 0.0 else self.per_request + 0.2 * (sample - self.per_request)
+        return True
+
+
+def _resolve(queue: _ModelQueue, outcome: _Outcome, reason: str) -> bool:
+    """Resolve the tasks' futures from the call's outcome; True when the model ran and answered."""
     name = queue.runtime.name
     for task in outcome.expired:
         if not task.future.done():
             task.future.set_exception(DeadlineExpiredError(f"model '{name}': the deadline passed while queued"))
     if not outcome.live:
-        return
+        return False
     if outcome.error is not None:
         log.error("batch of %d rows for model %s failed", outcome.rows, name, exc_info=outcome.error)
         for task in outcome.live:
             if not task.future.done():
                 task.future.set_exception(outcome.error)
-        return
+        return False
     assert outcome.outputs is not None
     model_metrics = queue.metrics
     model_metrics.batch_ran(reason)
     model_metrics.batch_size.observe(outcome.rows)
     model_metrics.padding.inc(outcome.padded - outcome.rows)
     model_metrics.inference.observe(outcome.seconds)
-    queue.cost.observe(outcome.padded, outcome.seconds)
     if len(outcome.live) == 1 and outcome.padded == outcome.rows:
         task = outcome.live[0]
         model_metrics.queue_duration.observe(outcome.started - task.enqueued)
         if not task.future.done():
             task.future.set_result(outcome.outputs)
-        return
+        return True
     offset = 0
     for task in outcome.live:
         model_metrics.queue_duration.observe(outcome.started - task.enqueued)
         if not task.future.done():
             task.future.set_result({k: v[offset : offset + task.rows] for k, v in outcome.outputs.items()})
         offset += task.rows
+    return True
 
 
 def _execute(
