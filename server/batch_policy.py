@@ -12,10 +12,10 @@ costing a + b*k seconds and each request h seconds of the event loop's CPU (the 
   (n + r*w) / ((n + r*w)*h + a + b*(n + r*w) + w*(1 - r*h)), has a derivative in w whose sign is r*(a + n*h) - n
   (with b's terms cancelling), whatever w. So waiting pays exactly while r*(a + n*h) > n: while the rows expected
   to arrive outnumber those queued, counting the rows that arrive while the interpreter works on the queued
-  ones. It waits only when that holds by WAIT_MARGIN; otherwise it runs at once ("idle"). A lone caller never
-  waits: its next request cannot come before its answer, so r <= 1 / (a + b + h) and r*(a + h) < 1. On an idle
-  server r*h is small and waiting pays only for rows arriving within one call; as request work fills the
-  interpreter (r*h near 1) every row expected pays.
+  ones. Otherwise it runs at once ("idle"). A lone caller never waits: its request work and its call run one
+  after the other and its next request cannot come before its answer, so r <= 1 / (a + b + h) and
+  r*(a + h) < 1. On an idle server r*h is small and waiting pays only for rows arriving within one call; as
+  request work fills the interpreter (r*h near 1) every row expected pays.
 - While it waits, it runs when the oldest row has waited batch_timeout, or arrivals stop (no row for two mean
   gaps) ("waited"), and never later than the earliest queued deadline less one call's time ("deadline").
 Policy 'fixed' waits for a full batch or batch_timeout, whatever the cost (and still never past a deadline).
@@ -31,10 +31,6 @@ TIMING_WEIGHT = 0.1
 # Arrivals the arrival rate is measured over, and a pause that starts the measure afresh.
 ARRIVAL_WINDOW = 32
 ARRIVAL_QUIET = 0.5
-# Waiting must pay by this factor: the rate, the call's cost and the loop's cost per request are moving averages
-# over different windows, and a lone caller's r*(a + h) is below 1 only by its own share of the round trip (the
-# client's time, the network): noise must not make it wait.
-WAIT_MARGIN = 1.25
 # Arrivals have stopped when no row came for this many mean gaps: a wait for more ends.
 LULL_GAPS = 2.0
 
@@ -150,10 +146,10 @@ def decide(state: QueueState, cost: CostModel, now: float, limits: Limits) -> De
     )
     if now >= latest_start:
         return Decision(True, "deadline")
-    if not limits.fixed and state.rate * (cost.a + state.rows * cost.per_request) <= WAIT_MARGIN * state.rows:
+    if not limits.fixed and state.rate * (cost.a + state.rows * cost.per_request) <= state.rows:
         return Decision(True, "idle")
     window_end = state.oldest + limits.batch_timeout
-    if not limits.fixed:
+    if not limits.fixed and state.rate > 0:
         window_end = min(window_end, state.last_arrival + LULL_GAPS / state.rate)
     if now >= window_end:
         return Decision(True, "waited")

@@ -75,10 +75,10 @@ def test_waiting_only_while_the_rows_expected_within_one_call_outnumber_those_qu
     cost = cost_model(0.001, 0.0)  # one call costs 1 ms whatever its rows
     busy = 8000.0  # rows/s: 8 rows arrive within one call's fixed cost
     assert decide(state(4, 0.0, busy), cost, 0.0, LIMITS).run is False
-    assert decide(state(7, 0.0, busy), cost, 0.0, LIMITS).reason == "idle"  # 8 expected: not by WAIT_MARGIN
+    assert decide(state(8, 0.0, busy), cost, 0.0, LIMITS).reason == "idle"
     # As request work fills the interpreter (0.1 ms per request at 8000 rows/s: 80 %), rows are worth more.
     cost.per_request = 0.0001
-    assert decide(state(16, 0.0, busy), cost, 0.0, LIMITS).run is False
+    assert decide(state(39, 0.0, busy), cost, 0.0, LIMITS).run is False
     assert decide(state(40, 0.0, busy), cost, 0.0, LIMITS).reason == "idle"
     waiting = decide(state(4, 0.0, busy), cost, 0.0, LIMITS)
     assert waiting.wake is not None and 0 < waiting.wake <= LIMITS.batch_timeout
