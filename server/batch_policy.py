@@ -6,7 +6,8 @@ queued now will take: the admission wait estimate and the back-off hint of a ful
 
 The policy ('cost'), for a model with a free batch slot and n rows queued, arriving at rate r rows/s, one call
 costing a + b*k seconds and each request h seconds of the event loop's CPU (the interpreter both share):
-- n >= max_batch_size: run ("full").
+- n >= max_batch_size, or n >= the measured size of most rows per second when a larger size measured worse
+  (CostModel.best_size): run that many ("full").
 - Waiting w seconds for r*w more rows: the interpreter does (n + r*w)*h of request work, one call (a + b*k) and
   sits idle w*(1 - r*h) (when arrivals do not keep it busy). Rows per interpreter-second,
   (n + r*w) / ((n + r*w)*h + a + b*(n + r*w) + w*(1 - r*h)), has a derivative in w whose sign is r*(a + n*h) - n
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 
 # Weight of the newest timing of a padded size in its moving average.
 TIMING_WEIGHT = 0.1
+# The smallest batch size that CostModel.best_size may cap batches at.
+MIN_CAPPED_SIZE = 16
 # Arrivals the arrival rate is measured over, and a pause that starts the measure afresh.
 ARRIVAL_WINDOW = 32
 ARRIVAL_QUIET = 0.5
@@ -48,6 +51,17 @@ class CostModel:
 
     def seconds(self, rows: int) -> float:
         return self.a + self.b * rows
+
+    def best_size(self, largest: int) -> int:
+        """The measured batch size of most rows per second, when a larger measured size did worse (a model past its
+        compute ceiling: the CNN runs 32-row batches faster per row than 64-row ones); else `largest`. Only sizes of
+        MIN_CAPPED_SIZE rows or more count: smaller calls are all fixed cost, and one slow call of a small size (a held
+        test call, a preempted thread) must not cap batches that are never measured again."""
+        sizes = [rows for rows in self.by_size if rows >= MIN_CAPPED_SIZE]
+        if not sizes:
+            return largest
+        best = max(sizes, key=lambda rows: rows / self.by_size[rows])
+        return best if best < max(sizes) else largest
 
     def observe(self, rows: int, seconds: float) -> None:
         old = self.by_size.get(rows)
@@ -130,6 +144,7 @@ class Decision:
     run: bool
     reason: str = ""  # full, idle, waited or deadline, when it runs
     wake: float | None = None  # when it waits: decide again then (None: on the next arrival or completion)
+    rows: int = 0  # when it runs: the most rows the batch takes
 
 
 WAIT_FOR_EVENT = Decision(False)
@@ -139,18 +154,19 @@ def decide(state: QueueState, cost: CostModel, now: float, limits: Limits) -> De
     """Run a batch now, or wait (until `wake`, or until something arrives or finishes)."""
     if state.rows == 0 or state.running >= limits.slots:
         return WAIT_FOR_EVENT
-    if state.rows >= limits.max_batch_size:
-        return Decision(True, "full")
+    size = limits.max_batch_size if limits.fixed else cost.best_size(limits.max_batch_size)
+    if state.rows >= size:
+        return Decision(True, "full", rows=size)
     latest_start = (
         float("inf") if state.earliest_deadline is None else state.earliest_deadline - cost.seconds(state.rows)
     )
     if now >= latest_start:
-        return Decision(True, "deadline")
+        return Decision(True, "deadline", rows=size)
     if not limits.fixed and state.rate * (cost.a + state.rows * cost.per_request) <= state.rows:
-        return Decision(True, "idle")
+        return Decision(True, "idle", rows=size)
     window_end = state.oldest + limits.batch_timeout
     if not limits.fixed and state.rate > 0:
         window_end = min(window_end, state.last_arrival + LULL_GAPS / state.rate)
     if now >= window_end:
-        return Decision(True, "waited")
+        return Decision(True, "waited", rows=size)
     return Decision(False, wake=min(window_end, latest_start))

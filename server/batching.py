@@ -261,7 +261,7 @@ class Batcher:
             now = self._clock()
             decision = decide(queue.state(), queue.cost, now, queue.limits)
             if decision.run:
-                self._start(queue, queue.limits.max_batch_size, decision.reason)
+                self._start(queue, decision.rows, decision.reason)
                 continue
             if decision.wake is not None:
                 delay = max(0.0, decision.wake - now)

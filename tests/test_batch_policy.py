@@ -169,3 +169,14 @@ def test_more_callers_never_lower_the_modelled_throughput(a, b):
         assert more >= fewer * 0.99, throughputs
     # And batching pays: 256 callers get many times what one does.
     assert throughputs[-1] > 5 * throughputs[0], throughputs
+
+
+def test_batches_stop_at_the_size_of_most_rows_per_second_once_a_larger_one_measured_worse():
+    cost = CostModel()
+    for rows, seconds in ((1, 0.001), (8, 0.002), (32, 0.004)):  # 8,000 rows/s at 32
+        cost.observe(rows, seconds)
+    assert decide(state(64, 0.0, 0.0), cost, 0.0, LIMITS).rows == 64  # larger sizes not measured yet: try them
+    cost.observe(64, 0.010)  # 6,400 rows/s: past the ceiling
+    decision = decide(state(64, 0.0, 0.0), cost, 0.0, LIMITS)
+    assert decision.run and decision.reason == "full" and decision.rows == 32
+    assert decide(state(64, 0.0, 0.0), cost, 0.0, Limits(64, 0.01, 2, fixed=True)).rows == 64
