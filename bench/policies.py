@@ -1,4 +1,4 @@
-"""The batching policies side by side: the default (`idle`), `eager` with one batch in flight, and batching off,
+"""The batching policies side by side: the default (`cost`), `fixed`, and batching off,
 each loaded in turn with 1-row multi_input requests at c=1/16/64 and open loops at 300 and 700 req/s.
 
 Usage: python -m bench.policies [--rounds N] [--duration S]  (prints one line per load and server, medians)
@@ -14,8 +14,8 @@ from pathlib import Path
 from bench.run import batch_stats, load, machine, start_server
 
 VARIANTS = {
-    "idle (default)": [],
-    "eager, 1 in flight": ["--batching-policy", "eager", "--max-batches-in-flight", "1"],
+    "cost (default)": [],
+    "fixed": ["--batching-policy", "fixed"],
     "unbatched": ["--batching", "false"],
 }
 LOADS = {"c=1": {"concurrency": 1}, "c=16": {"concurrency": 16}, "c=64": {"concurrency": 64},

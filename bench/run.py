@@ -1,11 +1,13 @@
 """The benchmark (BENCH.md): our server against its references, measured side by side in one run.
 
 References: the compute ceiling (the SavedModel signature called in-process at each batch size, no gRPC),
-the transport ceiling (bench/echo_server.py on the same gRPC stack), and our server with batching off.
-Load comes from `python -m clients loadtest` in its own process, closed loop with 1-row requests at
-concurrency 1, 16, 64 and 256, multi-row residual_cnn requests, and open-loop runs at 50 % and 90 % of the
-batched maximum. Every server runs at once and each load is run against them in turn, several rounds, keeping
-each one's median. Prints JSON (also written to bench/results/) and a markdown table.
+the transport ceiling (bench/echo_server.py on the same gRPC stack), a plain per-request server calling the same
+loaded signature (bench/plain_server.py, sync gRPC), and our server with batching off. Load comes from
+`python -m clients loadtest` in its own process, closed loop with 1-row requests at concurrency 1, 4, 16, 64 and
+256, 32-row residual_cnn requests, and open-loop runs at 10, 25 and 50 % of the batched maximum. Every server runs
+at once and each load is run against them in turn, several rounds, keeping each one's median. Prints JSON (also
+written to bench/results/, with the machine, its load and the command) and markdown tables: every run, and every
+goal of issue 15 as a same-run ratio with whether it holds.
 
 Usage: python -m bench.run [--duration S] [--rounds N] [--out FILE]
 """
@@ -30,10 +32,11 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from tests.helpers.server import ServerProcess  # noqa: E402
 
-CONCURRENCIES = (1, 16, 64, 256)
+CONCURRENCIES = (1, 4, 16, 64, 256)
 CNN_ROWS = 32
-OTHER_POLICIES = ("eager", "fixed")  # the default policy is "idle" (server/batching.py)
-MAIN_VARIANTS = ("echo", "unbatched", "batched")
+CNN_BULK_CONCURRENCY = 8
+OTHER_POLICIES = ("fixed",)  # the default policy is "cost" (server/batch_policy.py)
+MAIN_VARIANTS = ("echo", "plain", "unbatched", "batched")
 OPEN_LOOP_SHARES = (0.1, 0.25, 0.5)
 
 
@@ -48,7 +51,12 @@ def machine() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version()}
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "load_average": load_average()}
+
+
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15-minute load averages (other users' work on a shared machine shows here)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def compute_ceiling(repository: Path, seconds: float) -> dict:
@@ -129,15 +137,15 @@ def start_server(repository: Path, *args: str) -> ServerProcess:
     return server
 
 
-class EchoServer:
-    """bench/echo_server.py in its own process."""
+class ReferenceServer:
+    """A reference server of bench/ in its own process (the echo, or the plain per-request server)."""
 
-    def __init__(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "bench.echo_server"], cwd=REPO_ROOT,
+    def __init__(self, module: str, *args: str) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO_ROOT,
                                         stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert self.process.stdout is not None
-        listening = self.process.stdout.readline().split()  # "echo listening on HOST:PORT"
-        assert listening[:3] == ["echo", "listening", "on"], listening
+        listening = self.process.stdout.readline().split()  # "NAME listening on HOST:PORT"
+        assert listening[1:3] == ["listening", "on"], listening
         self.target = listening[3]
 
     def stop(self) -> None:
@@ -145,8 +153,12 @@ class EchoServer:
         self.process.wait()
 
 
+def EchoServer() -> ReferenceServer:  # noqa: N802
+    return ReferenceServer("bench.echo_server")
+
+
 def interleaved(
-    targets: dict[str, ServerProcess | EchoServer], model: str, duration: float, rounds: int, **kwargs
+    targets: dict[str, ServerProcess | ReferenceServer], model: str, duration: float, rounds: int, **kwargs
 ) -> dict[str, dict]:
     """Run the same load against every target in turn, `rounds` times, and keep each target's median run
     (by throughput). The machines here are shared and their speed drifts over seconds: interleaving puts
@@ -175,17 +187,14 @@ def run(duration: float, rounds: int) -> dict:
     results["compute_ceiling"] = compute_ceiling(repository, min(duration, 2.0))
     results["machine"]["device"] = results["compute_ceiling"].pop("device")
 
-    log("starting the echo server and our server unbatched, batched (default policy), and the other policies")
-    targets: dict[str, ServerProcess | EchoServer] = {"echo": EchoServer()}
+    log("starting the echo, the plain per-request server, and our server unbatched, batched and with policy fixed")
+    targets: dict[str, ServerProcess | ReferenceServer] = {"echo": EchoServer()}
     try:
+        targets["plain"] = ReferenceServer("bench.plain_server", str(repository))
         targets["unbatched"] = start_server(repository, "--batching", "false")
         targets["batched"] = start_server(repository)
         for policy in OTHER_POLICIES:
-            # Each policy with the in-flight setting it was designed with.
-            in_flight = "1" if policy == "eager" else "2"
-            targets[f"batched_{policy}"] = start_server(
-                repository, "--batching-policy", policy, "--max-batches-in-flight", in_flight
-            )
+            targets[f"batched_{policy}"] = start_server(repository, "--batching-policy", policy)
         for variant in targets:
             results[variant] = {}
         for c in CONCURRENCIES:
@@ -197,9 +206,9 @@ def run(duration: float, rounds: int) -> dict:
         log("residual_cnn, 1-row requests, concurrency 64")
         for variant, result in interleaved(cnn_targets, "residual_cnn", duration, rounds, concurrency=64).items():
             results[f"{variant}_cnn_1row_c64"] = result
-        log(f"residual_cnn, {CNN_ROWS}-row requests, concurrency 16")
-        for variant, result in interleaved(cnn_targets, "residual_cnn", duration, rounds, concurrency=16,
-                                           rows=CNN_ROWS).items():  # fmt: skip
+        log(f"residual_cnn, {CNN_ROWS}-row requests, concurrency {CNN_BULK_CONCURRENCY}")
+        for variant, result in interleaved(cnn_targets, "residual_cnn", duration, rounds,
+                                           concurrency=CNN_BULK_CONCURRENCY, rows=CNN_ROWS).items():  # fmt: skip
             results[f"{variant}_cnn"] = result
         peak = max(r["throughput_rps"] for r in results["batched"].values())
         log(f"open loop at 10, 25 and 50 % of the batched peak ({peak:.0f} req/s), batched and unbatched")
@@ -212,43 +221,59 @@ def run(duration: float, rounds: int) -> dict:
     finally:
         for target in targets.values():
             target.stop()
-    results["ratios"] = ratios(results)
+    results["machine"]["load_average_after"] = load_average()
+    results["goals"] = goals(results)
     return results
 
 
-def ratios(r: dict) -> dict:
-    """The performance goals, each as a ratio of two things measured in this run."""
-    b, u, e = r["batched"], r["unbatched"], r["echo"]
+def goals(r: dict) -> list[dict]:
+    """Issue 15's goals, each as ratios of two things measured in this run, with its target and whether it holds."""
+    b, u, e, p = r["batched"], r["unbatched"], r["echo"], r["plain"]
+    rps = {c: b[c]["throughput_rps"] for c in CONCURRENCIES}
     cnn_ceiling = max(x["rows_per_s"] for x in r["compute_ceiling"]["residual_cnn"].values())
-    ol = r["open_loop"]
-    out = {
-        "1_batched_over_echo_c64": b[64]["throughput_rps"] / e[64]["throughput_rps"],
-        "1_batched_p99_over_p50_c64": b[64]["latency_ms"]["p99"] / b[64]["latency_ms"]["p50"],
-        "2_batched_over_unbatched_c16": b[16]["throughput_rps"] / u[16]["throughput_rps"],
-        "2_batched_over_echo_c16": b[16]["throughput_rps"] / e[16]["throughput_rps"],
-        "3_batched_over_unbatched_p50_c1": b[1]["latency_ms"]["p50"] / u[1]["latency_ms"]["p50"],
-        "4_cnn_1row_p99_over_p50_c64": r["batched_cnn_1row_c64"]["latency_ms"]["p99"]
-        / r["batched_cnn_1row_c64"]["latency_ms"]["p50"],
-        "5_cnn_batched_over_unbatched_rows_32": r["batched_cnn"]["rows_per_s"] / r["unbatched_cnn"]["rows_per_s"],
-        "5_cnn_batched_rows_over_compute_ceiling": r["batched_cnn"]["rows_per_s"] / cnn_ceiling,
-        "6_batched_cpu_per_request_over_echo_c64": b[64]["server_cpu_ms_per_request"]
-        / e[64]["server_cpu_ms_per_request"],
-        "batched_over_unbatched_c64": b[64]["throughput_rps"] / u[64]["throughput_rps"],
-        "mean_rows_per_batch_c16": b[16]["mean_rows_per_batch"],
-        "mean_rows_per_batch_c64": b[64]["mean_rows_per_batch"],
-    }
+    out = []
+
+    def goal(number: int, what: str, value: float, target: str, holds: bool) -> None:
+        out.append({"goal": number, "what": what, "value": round(value, 3), "target": target, "holds": holds})
+
+    p50_c1 = b[1]["latency_ms"]["p50"] / u[1]["latency_ms"]["p50"]
+    goal(1, "c=1 p50: batched / unbatched", p50_c1, "<= 1.05", p50_c1 <= 1.05)
+    c1_plain = rps[1] / p[1]["throughput_rps"]
+    goal(1, "c=1 req/s: batched / plain per-request server", c1_plain, ">= 1", c1_plain >= 1)
+    steps = list(zip(CONCURRENCIES, CONCURRENCIES[1:], strict=False))
+    for low, high in steps:
+        strict = high <= 16  # c=1 < c=4 < c=16, then <= within 5 %
+        ratio = rps[high] / rps[low]
+        goal(2, f"req/s c={high} / c={low}", ratio, "> 1" if strict else ">= 0.95",
+             ratio > 1 if strict else ratio >= 0.95)  # fmt: skip
+    echo_c64 = rps[64] / e[64]["throughput_rps"]
+    goal(3, "multi_input 1-row c=64 req/s: batched / echo", echo_c64, ">= 0.85", echo_c64 >= 0.85)
+    tail = b[64]["latency_ms"]["p99"] / b[64]["latency_ms"]["p50"]
+    goal(3, "multi_input 1-row c=64: p99 / p50", tail, "<= 2", tail <= 2)
+    ceiling = r["batched_cnn"]["rows_per_s"] / cnn_ceiling
+    goal(4, f"residual_cnn {CNN_ROWS}-row rows/s: batched / compute ceiling", ceiling, ">= 0.9", ceiling >= 0.9)
+    over_plain = r["batched_cnn"]["rows_per_s"] / r["plain_cnn"]["rows_per_s"]
+    goal(4, f"residual_cnn {CNN_ROWS}-row rows/s: batched / plain", over_plain, "> 1", over_plain > 1)
+    cpu = b[64]["server_cpu_ms_per_request"] / e[64]["server_cpu_ms_per_request"]
+    goal(5, "server CPU per 1-row request c=64: batched / echo", cpu, "<= 1.5", cpu <= 1.5)
     for share in OPEN_LOOP_SHARES:
-        batched, unbatched = ol[f"batched {int(share * 100)}%"], ol[f"unbatched {int(share * 100)}%"]
-        for q in ("p50", "p99"):
-            out[f"3_open_loop_{int(share * 100)}%_{q}_batched_over_unbatched"] = (
-                batched["latency_ms"][q] / unbatched["latency_ms"][q]
-            )
-    for policy in OTHER_POLICIES:
-        other = r[f"batched_{policy}"]
-        for c in (1, 16, 64):
-            out[f"default_over_{policy}_throughput_c{c}"] = b[c]["throughput_rps"] / other[c]["throughput_rps"]
-        out[f"default_over_{policy}_p50_c1"] = b[1]["latency_ms"]["p50"] / other[1]["latency_ms"]["p50"]
+        name = f"{int(share * 100)}%"
+        batched, unbatched = r["open_loop"][f"batched {name}"], r["open_loop"][f"unbatched {name}"]
+        keeps_up = sum(unbatched["errors"].values()) == 0 and unbatched["throughput_rps"] >= 0.95 * unbatched["rate"]
+        for q, limit in (("p50", 1.2), ("p99", 1.5)):
+            ratio = batched["latency_ms"][q] / unbatched["latency_ms"][q]
+            target = f"<= {limit}" if keeps_up else f"<= {limit} (unbatched does not keep up: n/a)"
+            goal(6, f"open loop {name} {q}: batched / unbatched", ratio, target, ratio <= limit or not keeps_up)
     return out
+
+
+def goals_table(r: dict) -> str:
+    lines = ["| goal | measured | ratio | target | holds |", "|---|---|---|---|---|"]
+    for g in r["goals"]:
+        lines.append(
+            f"| {g['goal']} | {g['what']} | {g['value']:.2f} | {g['target']} | {'yes' if g['holds'] else 'NO'} |"
+        )
+    return "\n".join(lines)
 
 
 def table(r: dict) -> str:
@@ -268,7 +293,7 @@ def table(r: dict) -> str:
     for variant in MAIN_VARIANTS:
         lines.append(row(f"residual_cnn {variant} 1 row c=64", r[f"{variant}_cnn_1row_c64"]))
     for variant in MAIN_VARIANTS:
-        lines.append(row(f"residual_cnn {variant} {CNN_ROWS} rows c=16", r[f"{variant}_cnn"]))
+        lines.append(row(f"residual_cnn {variant} {CNN_ROWS} rows c={CNN_BULK_CONCURRENCY}", r[f"{variant}_cnn"]))
     for name, x in r["open_loop"].items():
         lines.append(row(f"multi_input {name.split()[0]} open loop {name.split()[1]} ({x['rate']:.0f} req/s)", x))
     return "\n".join(lines)
@@ -283,9 +308,10 @@ def main() -> None:
     results = json.loads(json.dumps(run(args.duration, args.rounds)))  # int keys become strings, as in the file
     out = args.out or REPO_ROOT / "bench" / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    results["command"] = "make bench"
+    results["command"] = "make bench  # " + " ".join(["python", "-m", "bench.run", *sys.argv[1:]])
+    results["tables"] = {"runs": table(results), "goals": goals_table(results)}
     out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results["ratios"], indent=2))
+    print(goals_table(results))
     print(table(results))
     log(f"written {out}")
 

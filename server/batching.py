@@ -1,107 +1,76 @@
-"""Dynamic batching (SPEC §4): concurrent requests for one model merged into one model call.
+"""Dynamic batching (SPEC §4): concurrent requests for one model version merged into one model call.
 
-Each request becomes one or more tasks of at most max_batch_size rows, each with its own future. One
-loop per model forms batches: a batch runs when it holds max_batch_size rows, when its oldest task has
-waited batch_timeout, or, under the "idle" policy, when the model has no batch running and the oldest task
-has waited the model's learned wait: none for a lone caller (who runs at once, without even queueing),
-growing under concurrent load so that batches fill (Batcher._adapt_window). A batch is padded up to the next
-allowed size, so the model only ever sees shapes warmed up before SERVING; padding rows are dropped
-from the results. Cancelled and expired tasks are dropped before a batch runs, the queue is bounded in
-rows, and a failing batch fails only its own tasks.
+Each request becomes tasks of at most max_batch_size rows (one task when its rows cannot be joined with others':
+batching off, or inputs of variable size), each with its own future, in its version's queue. Whenever a request
+arrives, a batch finishes or a wait runs out, the policy (server/batch_policy.py: a pure function of the queue,
+the model's measured cost and the clock) says whether a batch runs now.
+
+Every model call, of a lone request or a full batch, batching on or off, goes through one path (Ray Serve's
+`_handle_batches` shape): `_start` takes tasks from the queue; `_execute`, on the executor, drops the cancelled
+and expired ones (counted there, once), joins and pads the rest to an allowed size, calls the model and checks
+that every output has one row per input row; `_finish`, back on the event loop, splits the outputs and resolves
+the futures that are still waited for, then asks the policy again. A failing call fails only its own tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
-import contextlib
 import functools
+import heapq
+import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
 from server import metrics
+from server.batch_policy import ArrivalRate, CostModel, Limits, QueueState, decide
+from server.batching_config import BatchingConfig, default_batch_sizes
 from server.errors import DeadlineExpiredError, InvalidInputError, OverloadedError
 from server.runtime import ModelRuntime
 
+__all__ = ["CANCEL_NEAR_DEADLINE", "Batcher", "BatchingConfig", "default_batch_sizes"]
+
 log = logging.getLogger(__name__)
 
-Policy = Literal["eager", "idle", "fixed"]
-# The "idle" policy's first wait (seconds) once an idle model finds requests arriving together; see
-# Batcher._adapt_window.
-MIN_WINDOW = 0.0002
-# Batches of fewer requests say nothing about lock-step callers: two arrivals close together happen by chance.
-CYCLE_MIN_REQUESTS = 3
 # A caller's cancellation this close to its deadline is the deadline: the client's clock started before ours.
 CANCEL_NEAR_DEADLINE = 0.05
+_sequence = itertools.count()
 
 
-def default_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
-    """Powers of two below max_batch_size, and max_batch_size itself."""
-    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
-    return (*sizes, max_batch_size)
-
-
-@dataclass(frozen=True)
-class BatchingConfig:
-    """One model's batching settings."""
-
-    enabled: bool = True
-    max_batch_size: int = 64
-    batch_timeout: float = 0.01
-    max_queued_rows: int = 4096
-    policy: Policy = "idle"
-    max_batches_in_flight: int = 2
-    allowed_batch_sizes: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.allowed_batch_sizes:
-            object.__setattr__(self, "allowed_batch_sizes", default_batch_sizes(self.max_batch_size))
-
-    def problems(self) -> list[str]:
-        found = []
-        if self.max_batch_size < 1:
-            found.append(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.batch_timeout < 0:
-            found.append(f"batch_timeout must be >= 0 seconds, got {self.batch_timeout}")
-        if self.max_queued_rows < self.max_batch_size:
-            found.append(f"max_queued_rows ({self.max_queued_rows}) must be >= max_batch_size ({self.max_batch_size})")
-        if self.policy not in ("eager", "idle", "fixed"):
-            found.append(f"policy must be 'eager', 'idle' or 'fixed', got {self.policy!r}")
-        if self.max_batches_in_flight < 1:
-            found.append(f"max_batches_in_flight must be >= 1, got {self.max_batches_in_flight}")
-        sizes = self.allowed_batch_sizes
-        if list(sizes) != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != self.max_batch_size:
-            found.append(
-                f"allowed_batch_sizes must be increasing, positive and end with max_batch_size "
-                f"({self.max_batch_size}), got {list(sizes)}"
-            )
-        return found
-
-    def padded_size(self, rows: int) -> int:
-        return self.allowed_batch_sizes[bisect.bisect_left(self.allowed_batch_sizes, rows)]
-
-
-@dataclass
+@dataclass(eq=False)
 class _Task:
     inputs: Mapping[str, np.ndarray]
     rows: int
     future: asyncio.Future[dict[str, np.ndarray]]
-    enqueued: float
+    enqueued: float  # on the batcher's clock
     deadline: float | None  # on the batcher's clock
-    request: object  # shared by the chunks of one split request
+    taken: bool = False
+
+
+@dataclass
+class _Outcome:
+    """What a model call did with its tasks (built on the executor, read on the event loop)."""
+
+    live: list[_Task]  # those that reached the model
+    expired: list[_Task]  # dropped: their deadline passed while queued (their callers still wait)
+    started: float  # on the batcher's clock
+    outputs: dict[str, np.ndarray] | None = None
+    error: Exception | None = None
+    rows: int = 0
+    padded: int = 0
+    seconds: float = 0.0
 
 
 class _ModelMetrics:
     """One model's metric children, looked up once instead of per request."""
 
     def __init__(self, model: str) -> None:
+        self.model = model
         self.queue_rows = metrics.QUEUE_ROWS.labels(model)
         self.queue_duration = metrics.QUEUE_DURATION.labels(model)
         self.inference = metrics.INFERENCE_DURATION.labels(model)
@@ -110,37 +79,57 @@ class _ModelMetrics:
         self.cancelled = metrics.REJECTED.labels(model, "cancelled")
         self.expired = metrics.REJECTED.labels(model, "deadline")
         self.queue_full = metrics.REJECTED.labels(model, "queue_full")
+        self.invalid = metrics.REJECTED.labels(model, "invalid")
+        self._batches: dict[str, object] = {}
+
+    def batch_ran(self, reason: str) -> None:
+        counter = self._batches.get(reason)
+        if counter is None:
+            counter = self._batches[reason] = metrics.BATCHES.labels(self.model, reason)
+        counter.inc()  # type: ignore[attr-defined]
 
 
 @dataclass
 class _ModelQueue:
-    """One model's pending tasks and the loop that batches them."""
+    """One model version's pending tasks, what runs of it, and what its calls cost."""
 
     runtime: ModelRuntime
     metrics: _ModelMetrics
-    batchable: bool  # rows of different requests can be concatenated (no input of variable size)
+    joinable: bool  # rows of different requests may be joined and padded (batching on, inputs of fixed size)
+    limits: Limits
     tasks: deque[_Task] = field(default_factory=deque)
-    rows: int = 0
-    unbatched: int = 0  # requests queued or running alone (batching off): one model call each
-    running: int = 0
-    window: float = 0.0  # seconds an idle model waits for more requests (learned, see Batcher._adapt_window)
-    batch_seconds: float = 0.0  # moving average of one model call's duration, for the queue's wait estimate
-    last_batch_requests: int = 0  # requests in the latest batch: the size of one cycle of closed-loop callers
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    loop_task: asyncio.Task[None] | None = None
+    deadlines: list[tuple[float, int, _Task]] = field(default_factory=list)  # heap of queued tasks' deadlines
+    rows: int = 0  # queued, not yet taken
+    running: int = 0  # model calls started and not finished
+    running_rows: int = 0
+    cost: CostModel = field(default_factory=CostModel)
+    arrivals: ArrivalRate = field(default_factory=ArrivalRate)
+    timer: asyncio.TimerHandle | None = None
 
-    def wait_estimate(self, config: BatchingConfig) -> float:
-        """Seconds until the rows queued now have run: their batches, max_batches_in_flight at a time."""
-        calls = -(-self.rows // config.max_batch_size) if config.enabled and self.batchable else self.unbatched
-        return -(-calls // config.max_batches_in_flight) * self.batch_seconds
+    def state(self) -> QueueState:
+        while self.deadlines and self.deadlines[0][2].taken:
+            heapq.heappop(self.deadlines)
+        return QueueState(
+            rows=self.rows,
+            oldest=self.tasks[0].enqueued if self.tasks else 0.0,
+            earliest_deadline=self.deadlines[0][0] if self.deadlines else None,
+            running=self.running,
+            rate=self.arrivals.rows_per_second,
+            last_arrival=self.arrivals.last,
+        )
 
-    def observe_batch(self, seconds: float) -> None:
-        """Fold one model call's duration into the average (called on the executor; a float store is atomic)."""
-        self.batch_seconds = seconds if self.batch_seconds == 0.0 else 0.9 * self.batch_seconds + 0.1 * seconds
+    def wait_estimate(self, extra_rows: int = 0) -> float:
+        """Seconds until the rows queued now (and `extra_rows` more) have run, from the cost model."""
+        limits = self.limits
+        if self.joinable:
+            return self.cost.drain_seconds(self.rows + extra_rows, 0, limits.max_batch_size, limits.slots)
+        calls = len(self.tasks) + self.running + (1 if extra_rows else 0)
+        return self.cost.drain_seconds(self.rows + self.running_rows + extra_rows, calls, 1, limits.slots)
 
 
 class Batcher:
-    """A Runner (see server.inference) that batches requests per model; create it inside the running loop."""
+    """A Runner (see server.inference) that batches requests per model version; create it inside the running
+    loop."""
 
     def __init__(
         self,
@@ -153,6 +142,7 @@ class Batcher:
         self.config = functools.cache(config_for)
         self._clock = clock
         self._queues: dict[tuple[str, int], _ModelQueue] = {}
+        self._loop_cpu = _LoopCpu()
 
     def warm_up(self, runtime: ModelRuntime) -> None:
         """Run every allowed batch size once (blocking), so no request pays for a first call of a shape."""
@@ -163,332 +153,299 @@ class Batcher:
         log.info("warmed up %s at batch sizes %s", runtime.name, ", ".join(map(str, sizes)))
 
     async def retire(self, runtime: ModelRuntime) -> None:
-        """A retired model version (server/manager.py): once nothing is queued or running on it, its batch loop
-        ends and its queue is forgotten. Called when no request holds the version any more."""
+        """A retired model version (server/manager.py): once nothing is queued or running on it, its queue stops
+        (no timer left) and is forgotten. Called when no request holds the version any more."""
         queue = self._queues.get((runtime.name, runtime.version))
         if queue is None:
             return
         while queue.tasks or queue.running:
-            queue.changed.set()
+            self._pump(queue)
             await asyncio.sleep(0.01)
         del self._queues[(runtime.name, runtime.version)]
-        if queue.loop_task is not None:
-            queue.loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await queue.loop_task
+        if queue.timer is not None:
+            queue.timer.cancel()
+            queue.timer = None
+
+    def wait_estimate(self, runtime: ModelRuntime) -> float:
+        """Seconds until the work queued now for this version has run (0 when nothing is queued)."""
+        queue = self._queues.get((runtime.name, runtime.version))
+        return 0.0 if queue is None else queue.wait_estimate()
+
+    def cost_model(self, runtime: ModelRuntime) -> CostModel | None:
+        queue = self._queues.get((runtime.name, runtime.version))
+        return None if queue is None else queue.cost
 
     async def run(
         self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None = None
     ) -> dict[str, np.ndarray]:
         config = self.config(runtime.name)
-        queue = self._queue(runtime)
+        queue = self._queue(runtime, config)
         if rows > config.max_queued_rows:
-            metrics.REJECTED.labels(runtime.name, "invalid").inc()
+            queue.metrics.invalid.inc()
             raise InvalidInputError(
                 f"model '{runtime.name}' takes at most {config.max_queued_rows} rows per request, got {rows}; "
                 "split the request"
             )
-        if queue.rows + rows > config.max_queued_rows:
+        waiting = queue.rows if queue.joinable else queue.rows + queue.running_rows
+        if waiting + rows > config.max_queued_rows:
             queue.metrics.queue_full.inc()
             raise OverloadedError(
-                f"model '{runtime.name}' queue is full ({queue.rows} of {config.max_queued_rows} rows queued); "
-                f"back off and retry in about {_ms(queue.wait_estimate(config))} ms"
+                f"model '{runtime.name}' queue is full ({waiting} of {config.max_queued_rows} rows queued); "
+                f"back off and retry in about {_ms(queue.wait_estimate())} ms"
             )
         now = self._clock()
-        if deadline is not None and now >= deadline:
-            queue.metrics.expired.inc()
-            raise DeadlineExpiredError(f"model '{runtime.name}': the deadline passed before the request was queued")
-        if deadline is not None and queue.rows and now + queue.wait_estimate(config) > deadline:
-            # Queued, it would only expire behind the work ahead of it: refuse it now, while the caller can still
-            # go elsewhere, instead of letting it take a queue slot to die in.
-            queue.metrics.expired.inc()
-            raise OverloadedError(
-                f"model '{runtime.name}' cannot answer within the deadline: about {_ms(queue.wait_estimate(config))} "
-                f"ms of work is queued ahead and {_ms(deadline - now)} ms remain; back off and retry, or set a "
-                "longer deadline"
-            )
-        if not (config.enabled and queue.batchable):
-            return await self._run_alone(queue, inputs, rows, deadline)
-        if (
-            config.policy in ("eager", "idle")
-            and queue.running == 0
-            and not queue.tasks
-            and queue.window == 0.0
-            and rows <= config.max_batch_size
-        ):
-            return await self._run_now(queue, config, inputs, rows, deadline)
+        if deadline is not None:
+            if now >= deadline:
+                queue.metrics.expired.inc()
+                raise DeadlineExpiredError(f"model '{runtime.name}': the deadline passed before the request was queued")
+            if waiting and now + queue.wait_estimate(rows) > deadline:
+                # Queued, it would only expire behind the work ahead of it: refuse it now, while the caller can
+                # still go elsewhere, instead of letting it take a queue slot to die in.
+                queue.metrics.expired.inc()
+                raise OverloadedError(
+                    f"model '{runtime.name}' cannot answer within the deadline: about {_ms(queue.wait_estimate())} "
+                    f"ms of work is queued ahead and {_ms(deadline - now)} ms remain; back off and retry, or set a "
+                    "longer deadline"
+                )
         loop = asyncio.get_running_loop()
-        step = config.max_batch_size
-        request = object()
-        tasks = [
-            _Task({k: v[start : start + step] for k, v in inputs.items()}, min(step, rows - start),
-                  loop.create_future(), now, deadline, request)
-            for start in range(0, rows, step)
-        ]  # fmt: skip
+        step = config.max_batch_size if queue.joinable else rows
+        if rows <= step:
+            tasks = [_Task(inputs, rows, loop.create_future(), now, deadline)]
+        else:
+            tasks = [
+                _Task({k: v[start : start + step] for k, v in inputs.items()}, min(step, rows - start),
+                      loop.create_future(), now, deadline)
+                for start in range(0, rows, step)
+            ]  # fmt: skip
         queue.tasks.extend(tasks)
         queue.rows += rows
+        if deadline is not None:
+            for task in tasks:
+                heapq.heappush(queue.deadlines, (deadline, next(_sequence), task))
+        queue.arrivals.arrived(now, rows)
+        if self._loop_cpu.request():
+            for each in self._queues.values():
+                each.cost.per_request = self._loop_cpu.per_request
         queue.metrics.queue_rows.set(queue.rows)
-        queue.changed.set()
+        self._pump(queue)
         try:
             if len(tasks) == 1:
                 return await tasks[0].future
             parts = await asyncio.gather(*(t.future for t in tasks))
         except BaseException:
             for task in tasks:
-                task.future.cancel()  # a chunk not yet batched is dropped; a running one finishes unobserved
+                task.future.cancel()  # a chunk not yet run is dropped; a running one finishes unobserved
             raise
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
-    async def _run_now(
-        self,
-        queue: _ModelQueue,
-        config: BatchingConfig,
-        inputs: Mapping[str, np.ndarray],
-        rows: int,
-        deadline: float | None,
-    ) -> dict[str, np.ndarray]:
-        """A lone request on an idle model is a batch by itself, run at once without queueing (no latency tax)."""
-        padded = config.padded_size(rows)
-        queue.metrics.queue_duration.observe(0.0)
-        job = self._executor.submit(
-            _execute, queue.runtime, queue.metrics, [inputs], padded, deadline, self._clock, queue.observe_batch
-        )
-        call = asyncio.wrap_future(job)
-        queue.running += 1
-        # The model call is over only when the executor says so, even if this caller is cancelled first.
-        call.add_done_callback(functools.partial(_end_run_now, queue))
-        try:
-            outputs = await asyncio.shield(call)
-        except asyncio.CancelledError:
-            if job.cancel():  # True only while it waits for a thread: then it never reaches the model
-                self._count_dropped(queue, deadline)
-            raise
-        queue.metrics.batch_size.observe(rows)
-        queue.metrics.padding.inc(padded - rows)
-        return outputs if padded == rows else {name: value[:rows] for name, value in outputs.items()}
-
-    async def _run_alone(
-        self, queue: _ModelQueue, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None
-    ) -> dict[str, np.ndarray]:
-        """Batching off (or inputs of variable size): the request is its own model call, still bounded by
-        max_queued_rows and still dropped if its deadline passed while it waited for a thread."""
-        runtime, model_metrics, clock = queue.runtime, queue.metrics, self._clock
-
-        def call() -> dict[str, np.ndarray]:
-            if deadline is not None and clock() >= deadline:
-                model_metrics.expired.inc()
-                raise DeadlineExpiredError(f"model '{runtime.name}': the deadline passed while queued")
-            started = time.perf_counter()
-            outputs = runtime.predict(inputs)
-            elapsed = time.perf_counter() - started
-            model_metrics.inference.observe(elapsed)
-            queue.observe_batch(elapsed)
-            model_metrics.batch_size.observe(rows)
-            return outputs
-
-        queue.rows += rows
-        queue.unbatched += 1
-        queue.metrics.queue_rows.set(queue.rows)
-        job = self._executor.submit(call)
-        try:
-            return await asyncio.wrap_future(job)
-        except asyncio.CancelledError:
-            if job.cancel():  # True only while it waits for a thread: then it never reaches the model
-                self._count_dropped(queue, deadline)
-            raise
-        finally:
-            queue.rows -= rows
-            queue.unbatched -= 1
-            queue.metrics.queue_rows.set(queue.rows)
-
-    def _count_dropped(self, queue: _ModelQueue, deadline: float | None) -> None:
-        """A request its caller gave up on before it reached the model: by its deadline, or cancelled."""
-        expired = deadline is not None and self._clock() >= deadline - CANCEL_NEAR_DEADLINE
-        (queue.metrics.expired if expired else queue.metrics.cancelled).inc()
-
-    def _queue(self, runtime: ModelRuntime) -> _ModelQueue:
+    def _queue(self, runtime: ModelRuntime, config: BatchingConfig) -> _ModelQueue:
         key = (runtime.name, runtime.version)
         queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[key] = _ModelQueue(runtime, _ModelMetrics(runtime.name), _batchable(runtime))
-            queue.loop_task = asyncio.get_running_loop().create_task(self._batch_loop(queue))
-            queue.loop_task.add_done_callback(_log_failure)
+            limits = Limits(config.max_batch_size, config.batch_timeout, config.max_batches_in_flight,
+                            fixed=config.policy == "fixed")  # fmt: skip
+            joinable = config.enabled and _batchable(runtime)
+            queue = self._queues[key] = _ModelQueue(runtime, _ModelMetrics(runtime.name), joinable, limits)
         return queue
 
-    async def _batch_loop(self, queue: _ModelQueue) -> None:
-        config = self.config(queue.runtime.name)
+    def _pump(self, queue: _ModelQueue) -> None:
+        """Start every batch the policy says should run now; else set a timer for when it says to look again."""
+        if queue.timer is not None:
+            queue.timer.cancel()
+            queue.timer = None
+        if not queue.joinable:  # each request is its own call, at once: the executor's threads queue them
+            while queue.tasks:
+                self._start(queue, 0, "unbatched")
+            return
         while True:
-            queue.changed.clear()
-            if queue.tasks and queue.running < config.max_batches_in_flight and config.policy == "eager":
-                # No timer: a free slot takes what is queued, after one turn of the event loop so that the requests
-                # of the current burst (already received, their handlers ready to run) join this batch.
-                await asyncio.sleep(0)
-                self._dispatch(queue, config)
+            now = self._clock()
+            decision = decide(queue.state(), queue.cost, now, queue.limits)
+            if decision.run:
+                self._start(queue, decision.rows, decision.reason)
                 continue
-            if queue.tasks and queue.running < config.max_batches_in_flight:
-                now = self._clock()
-                idle = config.policy == "idle" and queue.running == 0
-                ready_at = queue.tasks[0].enqueued + (
-                    min(queue.window, config.batch_timeout) if idle else config.batch_timeout
-                )
-                # The previous batch's callers are all back (closed-loop clients move in lock-step): waiting out the
-                # rest of the window would only delay every one of them.
-                cycle_back = (
-                    idle
-                    and queue.last_batch_requests >= CYCLE_MIN_REQUESTS
-                    and _requests_at_least(queue.tasks, queue.last_batch_requests)
-                )
-                full = queue.rows >= config.max_batch_size
-                if full or now >= ready_at or cycle_back:
-                    if idle and not (full and not cycle_back):  # a full queue says nothing about waiting
-                        self._adapt_window(queue, config, paid_off=cycle_back)
-                    self._dispatch(queue, config)
-                    continue
-                timeout: float | None = ready_at - now
-            else:
-                timeout = None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(queue.changed.wait(), timeout)
+            if decision.wake is not None:
+                delay = max(0.0, decision.wake - now)
+                queue.timer = asyncio.get_running_loop().call_later(delay, self._pump, queue)
+            return
 
-    @staticmethod
-    def _adapt_window(queue: _ModelQueue, config: BatchingConfig, paid_off: bool) -> None:
-        """Learn how long an idle model waits for company. Waiting paid off when the previous batch's callers came
-        back together (closed-loop clients in lock-step): wait longer (up to batch_timeout), since fewer, larger
-        model calls save the server CPU per request. A window that ran out
-        means arrivals that do not follow our answers (an open loop, a lone caller): halve it, down to none, so
-        that moderate load pays no latency for waiting."""
-        if paid_off:
-            queue.window = min(config.batch_timeout, max(2 * queue.window, MIN_WINDOW))
-        else:
-            queue.window = queue.window / 2 if queue.window > MIN_WINDOW else 0.0
-
-    def _take_batch(self, queue: _ModelQueue, config: BatchingConfig) -> list[_Task]:
-        """Pop up to max_batch_size rows of live tasks; drop cancelled and expired ones on the way."""
-        name = queue.runtime.name
+    def _start(self, queue: _ModelQueue, max_rows: int, reason: str) -> None:
+        """Take the next tasks, up to `max_rows` rows (one task at least), and run them as one model call."""
         batch: list[_Task] = []
         rows = 0
-        now = self._clock()
-        while queue.tasks and rows + queue.tasks[0].rows <= config.max_batch_size:
+        while queue.tasks and (not batch or rows + queue.tasks[0].rows <= max_rows):
             task = queue.tasks.popleft()
-            queue.rows -= task.rows
-            if task.future.done():  # cancelled by its caller, or by gRPC when its deadline passed
-                expired = task.deadline is not None and now >= task.deadline - CANCEL_NEAR_DEADLINE
-                (queue.metrics.expired if expired else queue.metrics.cancelled).inc()
-                continue
-            if task.deadline is not None and now >= task.deadline:
-                queue.metrics.expired.inc()
-                task.future.set_exception(DeadlineExpiredError(f"model '{name}': the deadline passed while queued"))
-                continue
-            queue.metrics.queue_duration.observe(now - task.enqueued)
+            task.taken = True
             batch.append(task)
             rows += task.rows
+        queue.rows -= rows
         queue.metrics.queue_rows.set(queue.rows)
-        return batch
-
-    def _dispatch(self, queue: _ModelQueue, config: BatchingConfig) -> None:
-        """Start a batch on the executor; its completion callback hands each task its own rows."""
-        batch = self._take_batch(queue, config)
-        if not batch:
-            return
-        queue.last_batch_requests = len({id(t.request) for t in batch})
-        rows = sum(t.rows for t in batch)
-        padded = config.padded_size(rows)
-        deadlines = [t.deadline for t in batch]
-        latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+        padded_size = self.config(queue.runtime.name).padded_size if queue.joinable else None
         try:
-            future = asyncio.get_running_loop().run_in_executor(
-                self._executor, _execute, queue.runtime, queue.metrics, [t.inputs for t in batch], padded, latest,
-                self._clock, queue.observe_batch,
-            )  # fmt: skip
-        except RuntimeError as error:  # the executor is shut down: fail this batch, keep the loop alive
+            call = asyncio.get_running_loop().run_in_executor(
+                self._executor, _execute, queue.runtime, batch, padded_size, self._clock, queue.metrics
+            )
+        except RuntimeError as error:  # the executor is shut down: fail this batch, keep the queue working
             for task in batch:
                 if not task.future.done():
                     task.future.set_exception(error)
             return
         queue.running += 1
-        future.add_done_callback(functools.partial(self._finish_batch, queue, batch, rows, padded))
+        queue.running_rows += rows
+        call.add_done_callback(functools.partial(self._finish, queue, batch, rows, reason, time.perf_counter()))
 
-    @staticmethod
-    def _finish_batch(
-        queue: _ModelQueue, batch: list[_Task], rows: int, padded: int, future: asyncio.Future[dict[str, np.ndarray]]
+    def _finish(
+        self,
+        queue: _ModelQueue,
+        batch: list[_Task],
+        rows: int,
+        reason: str,
+        started: float,
+        call: asyncio.Future[_Outcome],
     ) -> None:
+        """Back on the event loop: hand each live task its own rows (or the call's error), then look again.
+
+        The cost model learns the call's time as the event loop sees it, from `_start` to here: the model call,
+        and the waits for a thread, for the GIL and for the loop's turn that a busy process adds to it. Under
+        load that time grows, and with it the rows worth waiting for; a lone caller still never waits, since its
+        next request cannot come before this answer."""
         queue.running -= 1
-        if queue.tasks:
-            queue.changed.set()  # the batch loop may start the next batch now
+        queue.running_rows -= rows
         try:
-            if future.cancelled():
-                raise asyncio.CancelledError("the executor shut down before the batch ran")
-            outputs = future.result()
-            offset = 0
-            for task in batch:
-                if not task.future.done():
-                    task.future.set_result({k: v[offset : offset + task.rows] for k, v in outputs.items()})
-                offset += task.rows
-            queue.metrics.batch_size.observe(rows)
-            queue.metrics.padding.inc(padded - rows)
-        except BaseException as error:
-            if isinstance(error, DeadlineExpiredError):
-                queue.metrics.expired.inc(len(batch))
-            else:
-                log.error("batch of %d rows for model %s failed", rows, queue.runtime.name, exc_info=error)
+            outcome = call.result()
+        except BaseException as error:  # the executor shut down before the call ran
             for task in batch:
                 if not task.future.done():
                     task.future.set_exception(error)
+        else:
+            if _resolve(queue, outcome, reason):
+                queue.cost.observe(outcome.padded, time.perf_counter() - started)
+        if queue.tasks:
+            self._pump(queue)
 
 
-def _end_run_now(queue: _ModelQueue, call: asyncio.Future[dict[str, np.ndarray]]) -> None:
-    queue.running -= 1
-    if queue.tasks:
-        queue.changed.set()  # requests that arrived meanwhile run next
-    # Retrieved here, so a failure after its caller left is not reported as unhandled.
-    if not call.cancelled() and isinstance(call.exception(), DeadlineExpiredError):
-        queue.metrics.expired.inc()
+class _LoopCpu:
+    """The event loop thread's CPU time per request, over windows of SAMPLE_REQUESTS requests (all models) without
+    a pause: a gap of IDLE_GAP between two requests starts the window afresh, so that idle work (timers, health
+    checks, loading) is not charged to requests."""
+
+    SAMPLE_REQUESTS = 64
+    IDLE_GAP = 0.05
+
+    def __init__(self) -> None:
+        self.per_request = 0.0
+        self._requests = 0
+        self._cpu = 0.0
+        self._last = float("-inf")
+
+    def request(self) -> bool:
+        """Count one request (on the loop thread); True when the estimate was just updated."""
+        wall = time.monotonic()
+        idle, self._last = wall - self._last > self.IDLE_GAP, wall
+        if idle:
+            self._cpu, self._requests = time.thread_time(), 0
+            return False
+        self._requests += 1
+        if self._requests < self.SAMPLE_REQUESTS:
+            return False
+        cpu = time.thread_time()
+        sample = (cpu - self._cpu) / self._requests
+        self._cpu, self._requests = cpu, 0
+        self.per_request = sample if self.per_request == 0.0 else self.per_request + 0.2 * (sample - self.per_request)
+        return True
 
 
-def _requests_at_least(tasks: deque[_Task], count: int) -> bool:
-    """Whether the queue holds chunks of at least `count` different requests (a split request is one)."""
-    seen: set[int] = set()
-    for task in tasks:
-        seen.add(id(task.request))
-        if len(seen) >= count:
-            return True
-    return False
+def _resolve(queue: _ModelQueue, outcome: _Outcome, reason: str) -> bool:
+    """Resolve the tasks' futures from the call's outcome; True when the model ran and answered."""
+    name = queue.runtime.name
+    for task in outcome.expired:
+        if not task.future.done():
+            task.future.set_exception(DeadlineExpiredError(f"model '{name}': the deadline passed while queued"))
+    if not outcome.live:
+        return False
+    if outcome.error is not None:
+        log.error("batch of %d rows for model %s failed", outcome.rows, name, exc_info=outcome.error)
+        for task in outcome.live:
+            if not task.future.done():
+                task.future.set_exception(outcome.error)
+        return False
+    assert outcome.outputs is not None
+    model_metrics = queue.metrics
+    model_metrics.batch_ran(reason)
+    model_metrics.batch_size.observe(outcome.rows)
+    model_metrics.padding.inc(outcome.padded - outcome.rows)
+    model_metrics.inference.observe(outcome.seconds)
+    if len(outcome.live) == 1 and outcome.padded == outcome.rows:
+        task = outcome.live[0]
+        model_metrics.queue_duration.observe(outcome.started - task.enqueued)
+        if not task.future.done():
+            task.future.set_result(outcome.outputs)
+        return True
+    offset = 0
+    for task in outcome.live:
+        model_metrics.queue_duration.observe(outcome.started - task.enqueued)
+        if not task.future.done():
+            task.future.set_result({k: v[offset : offset + task.rows] for k, v in outcome.outputs.items()})
+        offset += task.rows
+    return True
+
+
+def _execute(
+    runtime: ModelRuntime,
+    batch: list[_Task],
+    padded_size: Callable[[int], int] | None,
+    clock: Callable[[], float],
+    model_metrics: _ModelMetrics,
+) -> _Outcome:
+    """On the executor: drop the tasks nobody waits for or whose deadline passed (counted here, once), join and pad
+    the rest (`padded_size` None: one task, never padded), call the model, check that every output has one row per
+    input row. Off the event loop, so preparing this call overlaps the event loop's work on the next."""
+    now = clock()
+    live: list[_Task] = []
+    expired: list[_Task] = []
+    for task in batch:
+        if task.future.done():  # cancelled by its caller, or by gRPC when its deadline passed
+            near_deadline = task.deadline is not None and now >= task.deadline - CANCEL_NEAR_DEADLINE
+            (model_metrics.expired if near_deadline else model_metrics.cancelled).inc()
+        elif task.deadline is not None and now >= task.deadline:
+            model_metrics.expired.inc()
+            expired.append(task)
+        else:
+            live.append(task)
+    outcome = _Outcome(live, expired, now)
+    if not live:
+        return outcome
+    rows = sum(task.rows for task in live)
+    padded = rows if padded_size is None else padded_size(rows)
+    outcome.rows, outcome.padded = rows, padded
+    if len(live) == 1 and padded == rows:
+        inputs = live[0].inputs
+    else:
+        inputs = {
+            name: _pad(
+                np.concatenate([t.inputs[name] for t in live]) if len(live) > 1 else live[0].inputs[name], padded
+            )
+            for name in runtime.inputs
+        }
+    try:
+        started = time.perf_counter()
+        outputs = runtime.predict(inputs)
+        outcome.seconds = time.perf_counter() - started
+        for name, value in outputs.items():
+            if value.ndim == 0 or value.shape[0] != padded:
+                advice = "; switch batching off for this model" if padded_size is not None else ""
+                raise ValueError(
+                    f"model '{runtime.name}' output '{name}' has shape {value.shape}; batching needs one row per "
+                    f"input row ({padded}) first{advice}"
+                )
+        outcome.outputs = outputs
+    except Exception as error:
+        outcome.error = error
+    return outcome
 
 
 def _batchable(runtime: ModelRuntime) -> bool:
     """Rows of different requests can be joined: the model has a batch dimension and inputs of fixed size."""
     return runtime.batched and all(spec.values_per_row is not None for spec in runtime.inputs.values())
-
-
-def _execute(
-    runtime: ModelRuntime,
-    metrics_: _ModelMetrics,
-    parts: list[Mapping[str, np.ndarray]],
-    padded: int,
-    deadline: float | None,
-    clock: Callable[[], float],
-    observe: Callable[[float], None],
-) -> dict[str, np.ndarray]:
-    """On the executor: join the tasks' rows, pad to an allowed size and call the model (off the event loop,
-    so preparing this batch overlaps the event loop's work on the next one). A batch whose every deadline
-    passed while it waited for a thread is not run."""
-    if deadline is not None and clock() >= deadline:
-        raise DeadlineExpiredError(f"model '{runtime.name}': the deadline passed while queued")
-    inputs = {
-        name: _pad(np.concatenate([p[name] for p in parts]) if len(parts) > 1 else parts[0][name], padded)
-        for name in runtime.inputs
-    }
-    started = time.perf_counter()
-    outputs = runtime.predict(inputs)
-    metrics_.inference.observe(time.perf_counter() - started)
-    observe(time.perf_counter() - started)
-    for name, value in outputs.items():
-        if value.ndim == 0 or value.shape[0] != padded:
-            raise ValueError(
-                f"model '{runtime.name}' output '{name}' has shape {value.shape}; batching needs one row per "
-                f"input row ({padded}) first; switch batching off for this model"
-            )
-    return outputs
 
 
 def _ms(seconds: float) -> int:
@@ -501,8 +458,3 @@ def _pad(array: np.ndarray, rows: int) -> np.ndarray:
     if missing == 0:
         return array
     return np.concatenate([array, np.broadcast_to(array[-1:], (missing, *array.shape[1:]))])
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("batching task failed", exc_info=task.exception())

@@ -6,20 +6,14 @@ metrics with the final code, cancellations and deadlines included.
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 import numpy as np
 
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 from server.inference import InferenceService, ModelMetadata
-from server.rpc import deadline_of, rpc
+from server.rpc import WithFloats, deadline_of, rpc
 from server.tensors import TensorSpec
-
-
-def _floats(field: Any) -> np.ndarray:
-    return np.fromiter(field, dtype=np.float32, count=len(field))
 
 
 def _tensor_spec(spec: TensorSpec, batched: bool) -> pb.TensorSpec:
@@ -29,7 +23,6 @@ def _tensor_spec(spec: TensorSpec, batched: bool) -> pb.TensorSpec:
 
 
 def metadata_message(meta: ModelMetadata) -> pb.GetModelMetadataResponse:
-    b = meta.batching
     return pb.GetModelMetadataResponse(
         name=meta.name,
         version=meta.version,
@@ -38,15 +31,7 @@ def metadata_message(meta: ModelMetadata) -> pb.GetModelMetadataResponse:
         inputs=[_tensor_spec(s, meta.batched) for s in meta.inputs],
         outputs=[_tensor_spec(s, meta.batched) for s in meta.outputs],
         device=meta.device,
-        batching=pb.BatchingSettings(
-            enabled=b.enabled,
-            max_batch_size=b.max_batch_size,
-            batch_timeout_seconds=b.batch_timeout,
-            max_queued_rows=b.max_queued_rows,
-            allowed_batch_sizes=b.allowed_batch_sizes,
-            policy=b.policy,
-            max_batches_in_flight=b.max_batches_in_flight,
-        ),
+        batching=pb.BatchingSettings(**meta.batching.message_fields()),
         ready=meta.ready,
     )
 
@@ -61,24 +46,24 @@ class ModelService(pb_grpc.ModelServiceServicer):
 
     @rpc("PredictMultiInput", lambda self, request: "multi_input")
     async def PredictMultiInput(
-        self, request: pb.PredictMultiInputRequest, context: grpc.aio.ServicerContext
+        self, request: WithFloats, context: grpc.aio.ServicerContext
     ) -> pb.PredictMultiInputResponse:
         result = await self._core.infer_flat(
             "multi_input",
             request.version,
-            {"input_a": _floats(request.input_a), "input_b": _floats(request.input_b)},
+            {"input_a": request.floats["input_a"], "input_b": request.floats["input_b"]},
             deadline_of(context),
         )
         return pb.PredictMultiInputResponse(output=result.outputs["output"].ravel().tolist(), version=result.version)
 
     @rpc("PredictSharedLayer", lambda self, request: "shared_layer")
     async def PredictSharedLayer(
-        self, request: pb.PredictSharedLayerRequest, context: grpc.aio.ServicerContext
+        self, request: WithFloats, context: grpc.aio.ServicerContext
     ) -> pb.PredictSharedLayerResponse:
         result = await self._core.infer_flat(
             "shared_layer",
             request.version,
-            {"input_a": _floats(request.input_a), "input_b": _floats(request.input_b)},
+            {"input_a": request.floats["input_a"], "input_b": request.floats["input_b"]},
             deadline_of(context),
         )
         return pb.PredictSharedLayerResponse(
@@ -89,10 +74,10 @@ class ModelService(pb_grpc.ModelServiceServicer):
 
     @rpc("PredictResidualCnn", lambda self, request: "residual_cnn")
     async def PredictResidualCnn(
-        self, request: pb.PredictResidualCnnRequest, context: grpc.aio.ServicerContext
+        self, request: WithFloats, context: grpc.aio.ServicerContext
     ) -> pb.PredictResidualCnnResponse:
         result = await self._core.infer_flat(
-            "residual_cnn", request.version, {"image": _floats(request.image)}, deadline_of(context)
+            "residual_cnn", request.version, {"image": request.floats["image"]}, deadline_of(context)
         )
         probabilities = result.outputs["probabilities"]
         return pb.PredictResidualCnnResponse(

@@ -20,7 +20,7 @@ import numpy as np
 from prometheus_client import REGISTRY
 
 from server import metrics
-from server.batching import BatchingConfig
+from server.batching_config import BatchingConfig
 from server.errors import InvalidInputError, OverloadedError, UnavailableError
 from server.manager import ACCEPTING, ModelManager, Phase, State, Version
 from server.runtime import ModelRuntime

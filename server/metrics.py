@@ -66,6 +66,13 @@ BATCH_SIZE = Histogram(
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
 )
+BATCHES = Counter(
+    "modelserver_batches",
+    "Model calls, by why each ran (server/batch_policy.py): full (max_batch_size rows), idle (a batch slot was "
+    "free and waiting would not pay), waited (the wait for more rows ended: batch_timeout, or arrivals stopped), "
+    "deadline (a queued deadline allowed no more waiting), unbatched (batching off: one request per call).",
+    ["model", "reason"],
+)
 BATCH_PADDING = Counter(
     "modelserver_batch_padding_rows",
     "Rows added to reach an allowed batch size; computed and then dropped.",

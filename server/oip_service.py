@@ -134,8 +134,8 @@ class OipService:
             meta.inputs,
             meta.outputs,
             b.max_batch_size if meta.batched else 0,
-            # The longest a request waits for company: none under 'eager', which never waits on a timer.
-            (b.allowed_batch_sizes, 0.0 if b.policy == "eager" else b.batch_timeout) if b.enabled else None,
+            # The longest a request waits for company (an upper bound under the 'cost' policy).
+            (b.allowed_batch_sizes, b.batch_timeout) if b.enabled else None,
         )
         return pb.ModelConfigResponse(config=config)
 

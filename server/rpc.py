@@ -11,11 +11,12 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.descriptor import ServiceDescriptor
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
@@ -73,14 +74,81 @@ class _RateLimitedLog:
 _MALFORMED_LOG = _RateLimitedLog(interval=10.0)
 
 
-def _safe_decoder(message_class: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
-    full_name = message_class.DESCRIPTOR.full_name
+class WithFloats:
+    """A decoded request whose top-level `repeated float` fields are also read as numpy arrays straight from the
+    request's bytes (`floats[name]`): packed floats are contiguous little-endian float32 on the wire, so this costs
+    about a microsecond where reading them through the message costs 0.8 ms per 25,088 floats. Every other
+    attribute is the message's."""
 
-    def decode(data: bytes) -> Message | MalformedRequest:
+    def __init__(self, message: Message, floats: dict[str, np.ndarray]) -> None:
+        self.message = message
+        self.floats = floats
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.message, name)
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def packed_floats(data: bytes, fields: Mapping[int, str]) -> dict[str, np.ndarray] | None:
+    """The packed float fields `fields` ({number: name}) of a message's bytes, as read-only float32 arrays without a
+    copy; None when one was sent unpacked (also valid protobuf: the caller then reads it from the message). Call it
+    only on bytes that decoded as the message, so that their framing is known to be sound."""
+    found: dict[str, list[np.ndarray]] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 2:
+            length, pos = _varint(data, pos)
+            if number in fields:
+                found.setdefault(fields[number], []).append(np.frombuffer(data, "<f4", length // 4, pos))
+            pos += length
+        elif number in fields:
+            return None
+        elif wire_type == 0:
+            _, pos = _varint(data, pos)
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 1:
+            pos += 8
+        else:
+            return None
+    empty = np.empty(0, np.float32)
+    return {
+        name: empty if name not in found else found[name][0] if len(found[name]) == 1 else np.concatenate(found[name])
+        for name in fields.values()
+    }
+
+
+def _safe_decoder(message_class: type[Message]) -> Callable[[bytes], Message | WithFloats | MalformedRequest]:
+    full_name = message_class.DESCRIPTOR.full_name
+    float_fields = {
+        f.number: f.name
+        for f in message_class.DESCRIPTOR.fields
+        if f.type == FieldDescriptor.TYPE_FLOAT and f.is_repeated
+    }
+
+    def decode(data: bytes) -> Message | WithFloats | MalformedRequest:
         try:
-            return message_class.FromString(data)
+            message = message_class.FromString(data)
         except (DecodeError, RuntimeError, ValueError) as error:
             return MalformedRequest(full_name, len(data), str(error) or type(error).__name__)
+        if not float_fields:
+            return message
+        floats = packed_floats(data, float_fields)
+        if floats is None:  # sent unpacked: read through the message
+            floats = {name: np.fromiter(getattr(message, name), np.float32) for name in float_fields.values()}
+        return WithFloats(message, floats)
 
     return decode
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.batching import BatchingConfig
+from server.batching_config import SETTINGS as BATCHING_SETTINGS
+from server.batching_config import BatchingConfig, flag_name, parse_bool
 from server.version_policy import VersionPolicy, parse_model_policies
 
 ENV_PREFIX = "MODELSERVER_"
@@ -33,29 +34,7 @@ def _optional_path(value: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
-
-
-def _sizes(value: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in value.split("/") if v)
-
-
-# Per-model override keys (--model-batching) and how each value parses.
-BATCHING_KEYS: dict[str, Callable[[str], Any]] = {
-    "enabled": _bool,
-    "max_batch_size": int,
-    "batch_timeout": float,
-    "max_queued_rows": int,
-    "policy": str,
-    "max_batches_in_flight": int,
-    "allowed_batch_sizes": _sizes,
-}
+_bool = parse_bool
 
 
 def _model_batching(value: str) -> dict[str, dict[str, Any]]:
@@ -65,12 +44,13 @@ def _model_batching(value: str) -> dict[str, dict[str, Any]]:
         model, sep, pairs = entry.partition(":")
         if not sep or not model.strip():
             raise ValueError(f"expected MODEL:KEY=VALUE[,KEY=VALUE...], got {entry!r}")
-        settings = overrides.setdefault(model.strip(), {})
+        raw: dict[str, str] = {}
         for pair in filter(None, (p.strip() for p in pairs.split(","))):
-            key, eq, raw = pair.partition("=")
-            if not eq or key.strip() not in BATCHING_KEYS:
-                raise ValueError(f"unknown batching key in {pair!r}; keys: {', '.join(BATCHING_KEYS)}")
-            settings[key.strip()] = BATCHING_KEYS[key.strip()](raw.strip())
+            key, eq, text = pair.partition("=")
+            if not eq:
+                raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+            raw[key.strip()] = text.strip()
+        overrides.setdefault(model.strip(), {}).update(BatchingConfig.parse(raw))
     return overrides
 
 
@@ -158,26 +138,6 @@ class Settings:
     intra_op_threads: int = _setting(0, "TensorFlow intra-op threads per model call; 0 = TensorFlow's default.", int)
     inter_op_threads: int = _setting(0, "TensorFlow inter-op threads; 0 = TensorFlow's default.", int)
     log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.", str.upper)
-    batching: bool = _setting(True, "Merge concurrent requests into one model call (default for every model).", _bool)
-    max_batch_size: int = _setting(64, "Rows per model call at most; larger requests are split and reassembled.", int)
-    batch_timeout: float = _setting(
-        0.01,
-        "Seconds the oldest queued request may wait for its batch to fill: an upper bound, reached only under "
-        "concurrent load (an idle model learns how long waiting pays; see README).",
-        float,
-    )
-    max_queued_rows: int = _setting(
-        4096, "Rows queued per model at most; beyond it requests fail at once with RESOURCE_EXHAUSTED.", int
-    )
-    batching_policy: str = _setting(
-        "idle",
-        "'idle': run at once when the model is idle, wait a learned window (at most --batch-timeout) only while "
-        "callers come back in lock-step; 'eager': a free batch slot takes whatever is queued at once (no timer); "
-        "'fixed': always wait for a full batch or --batch-timeout.",
-    )
-    max_batches_in_flight: int = _setting(
-        2, "Batches of one model running at once, so preparing the next overlaps the current one.", int
-    )
     repository_poll_seconds: float = _setting(
         2.0,
         "Seconds between scans of the model repository for new, changed and removed versions (SIGHUP scans at "
@@ -206,10 +166,13 @@ class Settings:
     model_batching: dict[str, dict[str, Any]] = _setting(
         {},
         "Per-model overrides of the batching settings: 'MODEL:KEY=VALUE,...;MODEL:...' with keys "
-        + ", ".join(BATCHING_KEYS)
+        + ", ".join(f.name for f in BATCHING_SETTINGS)
         + " (allowed_batch_sizes as 1/8/32/64). Example: 'residual_cnn:max_batch_size=128;multi_input:enabled=false'.",
         _model_batching,
     )
+    # The server-wide batching settings given by their flags (--batching, --max-batch-size, ...: one per field of
+    # server.batching_config.BatchingConfig, which defines them), by field name.
+    batching_defaults: dict[str, Any] = field(default_factory=dict, metadata={"flag": False})
 
     def validate(self) -> list[str]:
         """Every problem with these settings, each as a message naming the setting; empty when valid."""
@@ -256,17 +219,8 @@ class Settings:
         return problems
 
     def batching_for(self, model: str) -> BatchingConfig:
-        """The model's batching settings: the global ones with its --model-batching overrides on top."""
-        config: dict[str, Any] = {
-            "enabled": self.batching,
-            "max_batch_size": self.max_batch_size,
-            "batch_timeout": self.batch_timeout,
-            "max_queued_rows": self.max_queued_rows,
-            "policy": self.batching_policy,
-            "max_batches_in_flight": self.max_batches_in_flight,
-        }
-        config.update(self.model_batching.get(model, {}))
-        return BatchingConfig(**config)
+        """The model's batching settings: defaults, the server-wide flags, then its --model-batching overrides."""
+        return BatchingConfig(**{**self.batching_defaults, **self.model_batching.get(model, {})})
 
     def version_policy_for(self, model: str) -> VersionPolicy:
         return self.model_version_policy.get(model, self.version_policy)
@@ -314,6 +268,29 @@ def _env(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+@dataclass(frozen=True)
+class _Flag:
+    name: str  # the flag without "--", with underscores
+    help: str
+    default: Any
+    parse: Callable[[str], Any]
+    batching: str = ""  # the BatchingConfig field it sets server-wide, if any
+
+
+def _flags() -> list[_Flag]:
+    """Every flag: one per Settings field, then one per batching setting (defined in server/batching_config.py)."""
+    flags = [
+        _Flag(f.name, f.metadata["help"], f.metadata["default"], f.metadata["parse"])
+        for f in dataclasses.fields(Settings)
+        if f.metadata.get("flag", True)
+    ]
+    flags += [
+        _Flag(flag_name(f), f.metadata["help"], f.default, f.metadata["parse"], batching=f.name)
+        for f in BATCHING_SETTINGS
+    ]
+    return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m server",
@@ -321,15 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"Every flag can also be set by the environment variable named beside it ({ENV_PREFIX}*); "
         "a flag wins over its variable.",
     )
-    for f in dataclasses.fields(Settings):
-        default = f.metadata["default"]
-        default = "unset" if default in (None, {}) else default
+    for flag in _flags():
+        default = "unset" if flag.default in (None, {}, ()) else flag.default
         parser.add_argument(
-            _flag(f.name),
-            dest=f.name,
+            _flag(flag.name),
+            dest=flag.name,
             default=None,
-            metavar=f.name.split("_")[-1].upper(),
-            help=f"{f.metadata['help']} [env {_env(f.name)}; default: {default}]",
+            metavar=flag.name.split("_")[-1].upper(),
+            help=f"{flag.help} [env {_env(flag.name)}; default: {default}]",
         )
     return parser
 
@@ -340,18 +316,23 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     args = parser.parse_args(argv)
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(Settings):
-        raw, source = getattr(args, f.name), _flag(f.name)
-        if raw is None and _env(f.name) in environ:
-            raw, source = environ[_env(f.name)], _env(f.name)
+    batching: dict[str, Any] = {}
+    for flag in _flags():
+        raw, source = getattr(args, flag.name), _flag(flag.name)
+        if raw is None and _env(flag.name) in environ:
+            raw, source = environ[_env(flag.name)], _env(flag.name)
         if raw is None:
             continue
         try:
-            values[f.name] = f.metadata["parse"](raw)
+            parsed = flag.parse(raw)
         except ValueError as error:
-            detail = f" ({error})" if f.name == "model_batching" else ""
-            parser.error(f"{source}={raw!r} is not valid{detail}: {f.metadata['help']}")
-    settings = Settings(**values)
+            detail = f" ({error})" if flag.name == "model_batching" else ""
+            parser.error(f"{source}={raw!r} is not valid{detail}: {flag.help}")
+        if flag.batching:
+            batching[flag.batching] = parsed
+        else:
+            values[flag.name] = parsed
+    settings = Settings(**values, batching_defaults=batching)
     problems = settings.validate()
     if problems:
         parser.error("invalid settings:\n  " + "\n  ".join(problems))

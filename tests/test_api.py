@@ -223,7 +223,7 @@ def test_async_client_serves_concurrent_callers_their_own_rows(server, keras_mod
 
 def test_metadata_reports_batching_settings(client):
     batching = client.metadata("multi_input").batching
-    assert batching.enabled and batching.policy == "idle"
+    assert batching.enabled and batching.policy == "cost"
     assert (batching.max_batch_size, batching.max_queued_rows, batching.max_batches_in_flight) == (64, 4096, 2)
     assert list(batching.allowed_batch_sizes) == [1, 2, 4, 8, 16, 32, 64]
     assert batching.batch_timeout_seconds == pytest.approx(0.01)

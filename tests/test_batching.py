@@ -142,7 +142,7 @@ def test_large_request_is_split_in_order(executor, runtime, real_runtime):
     inputs = rows_of(20, seed=5)
 
     async def scenario():
-        batcher = make_batcher(executor, max_batch_size=8, batch_timeout=1000, policy="idle")
+        batcher = make_batcher(executor, max_batch_size=8, batch_timeout=1000, policy="cost")
         return await batcher.run(runtime, inputs, 20)
 
     result = asyncio.run(scenario())
@@ -169,26 +169,10 @@ def test_batch_forms_by_timeout_when_not_full(executor, runtime):
     assert runtime.calls == [4]  # 3 rows padded to 4: the batch ran before it was full
 
 
-def test_idle_policy_runs_a_lone_request_at_once_and_grows_batches_under_load(executor, runtime):
+def test_a_lone_request_runs_at_once_and_what_queues_while_the_model_is_busy_runs_together(executor, runtime):
     async def scenario():
-        batcher = make_batcher(executor, max_batch_size=64, batch_timeout=1000, policy="idle")
-        await batcher.run(runtime, rows_of(1, seed=0), 1)  # idle model: no 1000 s wait
-        runtime.gate.clear()
-        first = asyncio.create_task(batcher.run(runtime, rows_of(2, seed=1), 2))
-        await asyncio.to_thread(runtime.started.wait, 10)
-        queued = [asyncio.create_task(batcher.run(runtime, rows_of(1, seed=i), 1)) for i in range(5)]
-        await settle()
-        runtime.gate.set()  # the running batch ends, the model is idle: the 5 queued rows run together
-        await asyncio.gather(first, *queued)
-
-    asyncio.run(scenario())
-    assert runtime.calls == [1, 2, 8]
-
-
-def test_eager_policy_runs_at_once_and_batches_what_queues_while_the_model_is_busy(executor, runtime):
-    async def scenario():
-        # A huge timeout that must never be waited out: eager batching has no timer.
-        batcher = make_batcher(executor, max_batch_size=64, batch_timeout=1000, policy="eager", max_batches_in_flight=1)
+        # A huge timeout that must never be waited out: a lone caller, then a free slot, never wait for it.
+        batcher = make_batcher(executor, max_batch_size=64, batch_timeout=1000, policy="cost", max_batches_in_flight=1)
         await batcher.run(runtime, rows_of(1, seed=0), 1)  # idle model: runs at once
         runtime.gate.clear()
         runtime.started.clear()
@@ -338,38 +322,6 @@ def test_error_to_status_map(error, code):
     assert to_status(error)[0] == code
 
 
-def test_idle_policy_learns_to_wait_for_lock_step_callers_and_stops_for_a_lone_caller(executor, runtime):
-    clock = ManualClock()  # stands still unless the test moves it: waits end only when the test says so
-
-    async def cycle(first_seed: int) -> None:
-        """One request runs (held), three queue behind it, then the model is released: what closed-loop callers do."""
-        runtime.gate.clear()
-        runtime.started.clear()
-        first = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=first_seed), 1))
-        assert await asyncio.to_thread(runtime.started.wait, 10)
-        behind = [asyncio.create_task(batcher.run(runtime, rows_of(1, seed=first_seed + i), 1)) for i in (1, 2, 3)]
-        await settle()
-        runtime.gate.set()
-        await asyncio.wait_for(asyncio.gather(first, *behind), 10)
-
-    async def scenario():
-        nonlocal batcher
-        batcher = make_batcher(executor, clock=clock, max_batch_size=64, batch_timeout=1.0, policy="idle")
-        await cycle(0)  # a batch of three runs at once: nothing says yet that waiting pays
-        await cycle(10)  # the same three came back together: lock-step callers, so the model learns to wait
-        waiting = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=20), 1))
-        await asyncio.sleep(0.05)
-        assert not waiting.done(), "after lock-step callers, an idle model waits a moment for company"
-        clock.now += 0.001  # past the learned wait (well under batch_timeout)
-        await asyncio.wait_for(waiting, 10)
-        # That wait ran out with nobody: the next lone request runs at once, with the clock still standing.
-        await asyncio.wait_for(batcher.run(runtime, rows_of(1, seed=21), 1), 10)
-
-    batcher = None
-    asyncio.run(scenario())
-    assert runtime.calls == [1, 4, 1, 4, 1, 1]  # batches of three, padded to four
-
-
 def test_a_model_whose_outputs_are_not_per_row_fails_its_batch_instead_of_hanging(executor, runtime):
     runtime.scalar_outputs = True
 
@@ -413,11 +365,11 @@ def test_batching_off_still_bounds_the_queue(executor, runtime):
     assert asyncio.run(scenario())["output"].shape == (4, 1)
 
 
-def test_a_lone_caller_sending_split_requests_never_learns_to_wait(executor, runtime):
-    clock = ManualClock()  # stands still: any learned wait would never end
+def test_a_lone_caller_sending_split_requests_never_waits(executor, runtime):
+    clock = ManualClock()  # stands still: any wait would end only at the lull, after its real-time timer
 
     async def scenario():
-        batcher = make_batcher(executor, clock=clock, max_batch_size=8, batch_timeout=1.0, policy="idle")
+        batcher = make_batcher(executor, clock=clock, max_batch_size=8, batch_timeout=1000, policy="cost")
         for _ in range(3):
             await asyncio.wait_for(batcher.run(runtime, rows_of(20, seed=0), 20), 10)  # three chunks, one caller
             await asyncio.wait_for(batcher.run(runtime, rows_of(1, seed=1), 1), 10)
@@ -506,7 +458,7 @@ def test_a_lone_request_cancelled_while_waiting_for_a_thread_never_runs_and_is_c
     release = threading.Event()
 
     async def scenario(one_thread):
-        batcher = make_batcher(one_thread, max_batch_size=8, batch_timeout=1000, policy="eager")
+        batcher = make_batcher(one_thread, max_batch_size=8, batch_timeout=1000, policy="cost")
         one_thread.submit(release.wait, 30)  # the only thread is busy elsewhere (another model's call)
         try:
             lone = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=0), 1))  # idle model: the fast path
@@ -522,3 +474,77 @@ def test_a_lone_request_cancelled_while_waiting_for_a_thread_never_runs_and_is_c
         asyncio.run(scenario(one_thread))
     assert runtime.calls == []  # the cancelled request never reached the model
     assert sample("modelserver_rejected_requests_total", reason="cancelled") - cancelled == 1
+
+
+def test_every_model_call_goes_through_one_path_and_counts_why_it_ran(executor, runtime):
+    """Lone, full, waited-out and unbatched calls alike: each is one model call, counted under its reason, and its
+    rows come back to their callers."""
+    reasons = ("idle", "full", "waited", "unbatched")
+    before = {r: sample("modelserver_batches_total", reason=r) for r in reasons}
+
+    async def scenario():
+        cost = make_batcher(executor, max_batch_size=4, batch_timeout=1000, max_batches_in_flight=1)
+        await cost.run(runtime, rows_of(1, seed=0), 1)  # idle model, lone caller: runs at once
+        runtime.gate.clear()
+        runtime.started.clear()
+        held = asyncio.create_task(cost.run(runtime, rows_of(1, seed=1), 1))
+        assert await asyncio.to_thread(runtime.started.wait, 10)
+        queued = [asyncio.create_task(cost.run(runtime, rows_of(1, seed=i), 1)) for i in range(2, 6)]
+        await settle()
+        runtime.gate.set()  # the slot frees with 4 rows queued: a full batch
+        await asyncio.wait_for(asyncio.gather(held, *queued), 30)
+        fixed = make_batcher(executor, max_batch_size=64, batch_timeout=0.001, policy="fixed")
+        await asyncio.wait_for(fixed.run(runtime, rows_of(3, seed=6), 3), 30)  # waits out the window
+        off = make_batcher(executor, enabled=False)
+        await asyncio.wait_for(off.run(runtime, rows_of(2, seed=7), 2), 30)
+
+    asyncio.run(scenario())
+    assert runtime.calls == [1, 1, 4, 4, 2]
+    assert {r: sample("modelserver_batches_total", reason=r) - before[r] for r in reasons} == {
+        "idle": 2,
+        "full": 1,
+        "waited": 1,
+        "unbatched": 1,
+    }
+
+
+def test_the_cost_policy_waits_for_rows_it_expects_and_never_past_a_deadline(executor, runtime):
+    """With calls measured at 10 ms and rows arriving every 0.1 ms, a free slot waits for the rows expected (on a
+    manual clock that only the test moves); it runs once arrivals stop, and a queued deadline cuts the wait short."""
+    clock = ManualClock()
+    waited, deadline = (sample("modelserver_batches_total", reason=r) for r in ("waited", "deadline"))
+
+    async def scenario():
+        batcher = make_batcher(executor, clock=clock, max_batch_size=64, batch_timeout=1.0)
+        await batcher.run(runtime, rows_of(1, seed=0), 1)
+        cost = batcher.cost_model(runtime)
+        cost.by_size.clear()
+        cost.observe(1, 0.010)  # one call: 10 ms
+        burst = []
+        for i in range(3):
+            clock.now += 0.0001
+            burst.append(asyncio.create_task(batcher.run(runtime, rows_of(1, seed=10 + i), 1)))
+            await settle()
+        await asyncio.sleep(0.05)
+        assert runtime.calls == [1], "100 rows are expected within one call: three must wait for them"
+        clock.now += 0.001  # no row for ten mean gaps: arrivals stopped
+        await asyncio.wait_for(asyncio.gather(*burst), 10)
+        assert runtime.calls == [1, 4]
+        cost.by_size.clear()
+        cost.observe(1, 0.010)
+        first_deadline = clock.now + 0.0001 + 0.0105
+        for i in range(3):
+            clock.now += 0.0001
+            burst[i] = asyncio.create_task(
+                batcher.run(runtime, rows_of(1, seed=20 + i), 1, deadline=clock.now + 0.0105)
+            )
+            await settle()
+        await asyncio.sleep(0.05)
+        assert runtime.calls == [1, 4]
+        clock.now = first_deadline - 0.010  # the first deadline less one call's 10 ms: no later start meets it
+        await asyncio.wait_for(asyncio.gather(*burst), 10)
+
+    asyncio.run(scenario())
+    assert runtime.calls == [1, 4, 4]
+    assert sample("modelserver_batches_total", reason="waited") - waited == 1
+    assert sample("modelserver_batches_total", reason="deadline") - deadline == 1

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from modelserver.v1 import modelserver_pb2 as pb
+from server.batching_config import SETTINGS as BATCHING_SETTINGS
+from server.batching_config import BatchingConfig, flag_name
 from server.settings import Settings, build_parser, parse_settings
 
 
@@ -55,9 +58,63 @@ def test_bad_values_exit_2_with_a_clear_message(capsys, argv, environ, message):
 
 def test_help_documents_every_setting():
     text = build_parser().format_help()
-    for field in dataclasses.fields(Settings):
-        assert "--" + field.name.replace("_", "-") in text
-        assert "MODELSERVER_" + field.name.upper() in text
+    names = [f.name for f in dataclasses.fields(Settings) if f.metadata.get("flag", True)]
+    for name in [*names, *(flag_name(f) for f in BATCHING_SETTINGS)]:
+        assert "--" + name.replace("_", "-") in text
+        assert "MODELSERVER_" + name.upper() in text
+
+
+# A value other than the default for each batching setting, as text, and as parsed.
+OTHER_VALUES = {
+    "enabled": ("false", False),
+    "max_batch_size": ("32", 32),
+    "batch_timeout": ("0.02", 0.02),
+    "max_queued_rows": ("100", 100),
+    "policy": ("fixed", "fixed"),
+    "max_batches_in_flight": ("3", 3),
+    "allowed_batch_sizes": ("1/8/32", (1, 8, 32)),
+}
+
+
+def test_each_batching_setting_comes_from_its_one_definition():
+    """A batching setting defined in BatchingConfig is a server-wide flag and variable, a --model-batching key,
+    validated, and a field of GetModelMetadata's BatchingSettings, with nothing else to write."""
+    assert set(OTHER_VALUES) == {f.name for f in BATCHING_SETTINGS}, "a new setting: add a value to OTHER_VALUES"
+    message_fields = set(pb.BatchingSettings.DESCRIPTOR.fields_by_name)
+    assert set(BatchingConfig().message_fields()) == message_fields
+    flags, env, per_model = [], {}, []
+    for setting in BATCHING_SETTINGS:
+        text, _ = OTHER_VALUES[setting.name]
+        flags += ["--" + flag_name(setting).replace("_", "-"), text]
+        env["MODELSERVER_" + flag_name(setting).upper()] = text
+        per_model.append(f"{setting.name}={text}")
+    expected = BatchingConfig(**{name: value for name, (_, value) in OTHER_VALUES.items()})
+    assert parse_settings(flags, environ={}).batching_for("any") == expected
+    assert parse_settings([], environ=env).batching_for("any") == expected
+    overridden = parse_settings(["--model-batching", "m:" + ",".join(per_model)], environ={})
+    assert overridden.batching_for("m") == expected
+    assert overridden.batching_for("other") == BatchingConfig()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-batch-size", "0"], "batching: max_batch_size must be >= 1, got 0"),
+        (["--batch-timeout", "-1"], "batching: batch_timeout must be >= 0 seconds"),
+        (["--max-queued-rows", "8"], "max_queued_rows (8) must be >= max_batch_size (64)"),
+        (["--batching-policy", "idle"], "policy must be one of cost, fixed; got 'idle'"),
+        (["--max-batches-in-flight", "0"], "max_batches_in_flight must be >= 1, got 0"),
+        (["--allowed-batch-sizes", "1/8"], "allowed_batch_sizes must be increasing, positive and end with"),
+        (["--model-batching", "m:max_batch_size=0"], "batching for m: max_batch_size must be >= 1"),
+        (["--model-batching", "m:colour=red"], "unknown batching key 'colour'"),
+        (["--batching", "perhaps"], "--batching='perhaps' is not valid"),
+    ],
+)
+def test_bad_batching_values_exit_2_naming_the_setting(capsys, argv, message):
+    with pytest.raises(SystemExit) as caught:
+        parse_settings(argv, environ={})
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_an_empty_token_file_is_refused_and_tokens_are_its_lines(tmp_path, capsys):
