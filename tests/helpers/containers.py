@@ -19,9 +19,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers.server import REPO_ROOT
+from tests.helpers.server import REPO_ROOT, sample_value
 
 IMAGE = "localhost/modelserver:local"  # `make image`'s, and the name docker-compose.yml gives the image
 BASE_IMAGE = "localhost/modelserver-base:bookworm"
@@ -156,11 +155,7 @@ class Container:
             return response.read().decode()
 
     def metric(self, name: str, **labels: str) -> float:
-        for family in text_string_to_metric_families(self.metrics_text()):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
+        return sample_value(self.metrics_text(), name, **labels)
 
     def hold(self, point: str = "predict") -> None:
         assert self.hold_dir is not None

@@ -28,6 +28,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 START_SECONDS = 180  # a fresh repository is exported first; a loaded 2-core machine is slow at it
 
 
+def sample_value(metrics_text: str, name: str, **labels: str) -> float:
+    """One sample of a /metrics text, by name and labels (0.0 when absent, as a counter not yet incremented is)."""
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
 class ServerProcess:
     """A server subprocess: its gRPC target, its metrics, its log, its hold points, and the health statuses seen
     while starting."""
@@ -127,11 +136,7 @@ class ServerProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample (0.0 when absent, as a counter not yet incremented is)."""
-        for family in text_string_to_metric_families(self.metrics_text()):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
+        return sample_value(self.metrics_text(), name, **labels)
 
     # Hold points (--test-hold-dir): the test, not the machine's speed, decides how long the server is busy.
 
