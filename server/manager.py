@@ -349,7 +349,8 @@ class ModelManager:
         """RepositoryModelLoad: (re)load the model's aspired versions from the repository now."""
         if name in self._models:
             self._models[name].unloaded = False
-        await self.sync(only=name)
+        # Shielded: a caller that gives up must not leave a version half-loaded (LOADING for ever).
+        await asyncio.shield(self.sync(only=name))
         if name not in self._models:
             raise ModelNotFoundError(f"no model {quoted(name)} in the repository")
         if self._models[name].latest() is None:
