@@ -209,6 +209,14 @@ def rpc(method: str, model: Callable[[Any, Any], str]) -> Callable[[Handler], Ha
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             model_label = "unknown"
+            counted = False
+
+            def count() -> None:
+                nonlocal counted
+                counted = True
+                REQUESTS.labels(model_label, method, code.name).inc()
+                REQUEST_DURATION.labels(model_label, method).observe(time.perf_counter() - started)
+
             try:
                 if isinstance(request, MalformedRequest):
                     raise request.error()
@@ -219,10 +227,11 @@ def rpc(method: str, model: Callable[[Any, Any], str]) -> Callable[[Handler], Ha
                 raise
             except Exception as error:
                 code, message = to_status(error)
+                count()  # before abort sends the status: a caller that then scrapes sees its call counted
                 await context.abort(code, message)
             finally:
-                REQUESTS.labels(model_label, method, code.name).inc()
-                REQUEST_DURATION.labels(model_label, method).observe(time.perf_counter() - started)
+                if not counted:
+                    count()
 
         return wrapper
 
