@@ -38,7 +38,6 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = modelserver_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
-SERVING = health_pb2.HealthCheckResponse.SERVING
 # Seconds without a new call before the listener closes, and seconds allowed for its GOAWAY to reach clients.
 QUIET_BEFORE_CLOSE = 0.05
 # Seconds at most of holding new calls before the listener closes anyway (callers that never stop sending, an
@@ -48,7 +47,6 @@ MAX_HOLD = 2.0
 # sent before it may still be in their socket buffers or ours.
 IN_TRANSIT = 0.25
 GOAWAY_TRAVEL = 0.2
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass
