@@ -246,14 +246,21 @@ def scan(repository: Path) -> dict[str, list[ModelVersion]]:
 
 
 def discover(repository: Path) -> dict[str, list[ModelVersion]]:
-    """Every loadable model version in the repository, by model name, versions ascending.
-
-    Hidden folders (staging, damaged copies) are skipped, and so is a version whose manifest says
-    it is incomplete.
-    """
+    """Every loadable SavedModel version in the repository, by model name, versions ascending: `scan`, less a
+    version whose manifest says it is incomplete and `.keras` versions."""
     found: dict[str, list[ModelVersion]] = {}
-    if not repository.is_dir():
-        return found
+    for name, versions in scan(repository).items():
+        loadable = []
+        for version in versions:
+            if version.format != "savedmodel":
+                continue
+            if version.has_manifest and not is_intact(version.path):
+                log.error("skipping %s: its files do not match its manifest", version.path)
+                continue
+            loadable.append(version)
+        if loadable:
+            found[name] = loadable
+    return found
     for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
         versions = []
         for version_dir in model_dir.iterdir():
