@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +101,7 @@ class Callers:
         self._server, self._expected, self._version = server, expected, version
         self._stop = False
         self._loop = asyncio.new_event_loop()
-        self._thread = __import__("threading").Thread(target=self._loop.run_until_complete, args=(self._run(),))
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
         self._thread.start()
 
     async def _run(self) -> None:
@@ -383,7 +385,7 @@ def test_a_keras_file_is_served_through_every_protocol_and_the_cli(tmp_path, exp
         )  # fmt: skip
         assert cli.returncode == 0, cli.stderr
         one = {"left": np.array([[0.1, 0.2, 0.3, 0.4]], np.float32), "right": np.array([[0.5, 0.6, 0.7]], np.float32)}
-        printed = __import__("json").loads(cli.stdout)
+        printed = json.loads(cli.stdout)
         for name, value in zip(model.output_names, model(one), strict=True):
             np.testing.assert_allclose(np.asarray(printed[name]), np.asarray(value), atol=1e-5)
     finally:

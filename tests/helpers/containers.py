@@ -13,14 +13,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers.server import REPO_ROOT, sample_value
+from tests.helpers.server import REPO_ROOT, sample_value, scrape
 
 IMAGE = "localhost/modelserver:local"  # `make image`'s, and the name docker-compose.yml gives the image
 BASE_IMAGE = "localhost/modelserver-base:bookworm"
@@ -151,8 +150,7 @@ class Container:
         raise RuntimeError(f"not SERVING in time:\n{self.logs()}")
 
     def metrics_text(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
-            return response.read().decode()
+        return scrape(self.metrics_port)
 
     def metric(self, name: str, **labels: str) -> float:
         return sample_value(self.metrics_text(), name, **labels)

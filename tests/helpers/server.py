@@ -28,6 +28,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 START_SECONDS = 180  # a fresh repository is exported first; a loaded 2-core machine is slow at it
 
 
+def scrape(port: int | None) -> str:
+    """The /metrics text served on a loopback port."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
 def sample_value(metrics_text: str, name: str, **labels: str) -> float:
     """One sample of a /metrics text, by name and labels (0.0 when absent, as a counter not yet incremented is)."""
     for family in text_string_to_metric_families(metrics_text):
@@ -131,8 +137,7 @@ class ServerProcess:
         raise RuntimeError("server not SERVING in time:\n" + self.log_text())
 
     def metrics_text(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
-            return response.read().decode()
+        return scrape(self.metrics_port)
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample (0.0 when absent, as a counter not yet incremented is)."""
