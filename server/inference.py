@@ -57,11 +57,14 @@ class ModelSummary:
     """A model of the repository as every protocol reports it: `error` says why it failed to load."""
 
     name: str
-    versions: tuple[int, ...]
     ready: bool
     state: str  # "loading", "available", "failed", "unloading" or "unavailable"
     error: str = ""
     version_states: tuple[tuple[int, str, str], ...] = ()  # (version, state, error) of every version not ended
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return tuple(number for number, _, _ in self.version_states)
 
 
 @dataclass
@@ -246,7 +249,6 @@ class InferenceService:
         state, error = self.manager.state_of(name)
         return ModelSummary(
             name,
-            tuple(v.number for v in versions),
             self.manager.is_ready(name),
             state,
             error,
