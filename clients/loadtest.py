@@ -111,6 +111,11 @@ class LoadTestResult:
     rows_per_s: float
     latency_ms: dict[str, float | None]  # p50, p90, p99, max, mean over successful requests
     error_latency_ms: dict[str, float | None]  # the same over failed requests: how fast refusals come
+    error_latency_ms_by_code: dict[str, dict[str, float | None]]  # the same per status code
+    # Open loop: how late calls left against the schedule (the client's own saturation), and latency per status
+    # code from the actual send, which leaves that lateness out (the server's or proxy's answer time).
+    send_lag_ms: dict[str, float | None]
+    latency_from_send_ms_by_code: dict[str, dict[str, float | None]]
     target: str = ""
     version: int = 0
     warmup_s: float = 0.0
@@ -130,6 +135,11 @@ class LoadTestResult:
                 f"requests    {self.requests} (ok {self.ok}) in {self.duration_s:.2f} s",
                 f"throughput  {self.throughput_rps:.1f} req/s, {self.rows_per_s:.1f} rows/s",
                 f"latency ms  {lat}",
+                *(
+                    [f"send lag ms p99 {self.send_lag_ms['p99']:.2f} (calls sent late: the client was saturated)"]
+                    if self.mode == "open" and self.send_lag_ms["p99"]
+                    else []
+                ),
                 f"errors      {errors}",
             ]
         )
@@ -140,7 +150,9 @@ class _Stats:
 
     def __init__(self) -> None:
         self.latencies: list[float] = []
-        self.error_latencies: list[float] = []
+        self.error_latencies: dict[str, list[float]] = {}
+        self.from_send: dict[str, list[float]] = {}  # status code name (OK too) -> seconds from the actual send
+        self.send_lag: list[float] = []  # open loop: how late each call left against its schedule
         self.errors: Counter[str] = Counter()
 
     @property
@@ -151,14 +163,20 @@ class _Stats:
 Call = Callable[..., Any]
 
 
-async def _call(call: Call, request: Any, timeout: float, stats: _Stats, started: float) -> None:
+async def _call(call: Call, request: Any, timeout: float, stats: _Stats, scheduled: float, sent: float) -> None:
+    """One call; its latency counts from `scheduled` (an open loop's plan) and, apart, from when it was `sent`."""
     try:
         await call(request, timeout=timeout)
+        code = "OK"
     except grpc.aio.AioRpcError as error:
-        stats.errors[error.code().name] += 1
-        stats.error_latencies.append(time.perf_counter() - started)
+        code = error.code().name
+    finished = time.perf_counter()
+    if code == "OK":
+        stats.latencies.append(finished - scheduled)
     else:
-        stats.latencies.append(time.perf_counter() - started)
+        stats.errors[code] += 1
+        stats.error_latencies.setdefault(code, []).append(finished - scheduled)
+    stats.from_send.setdefault(code, []).append(finished - sent)
 
 
 async def _closed(
@@ -171,7 +189,8 @@ async def _closed(
         nonlocal requests
         while requests > 0 and time.perf_counter() < end:
             requests -= 1
-            await _call(call, request, cfg.timeout, stats, time.perf_counter())
+            now = time.perf_counter()
+            await _call(call, request, cfg.timeout, stats, now, now)
 
     assert cfg.concurrency is not None
     await asyncio.gather(*(caller(calls[i % len(calls)]) for i in range(cfg.concurrency)))
@@ -191,8 +210,12 @@ async def _open(
         if len(pending) >= cfg.max_outstanding:
             stats.errors[CLIENT_OVERLOAD] += 1
         else:
-            sent = min(scheduled, time.perf_counter())  # late: count the lateness; early: the true send time
-            task = asyncio.create_task(_call(calls[i % len(calls)], request, cfg.timeout, stats, sent))
+            now = time.perf_counter()
+            stats.send_lag.append(max(0.0, now - scheduled))
+            # Late: the latency counts the lateness; early: from the true send time.
+            task = asyncio.create_task(
+                _call(calls[i % len(calls)], request, cfg.timeout, stats, min(scheduled, now), now)
+            )
             pending.add(task)
             task.add_done_callback(pending.discard)
         i += 1
@@ -313,7 +336,10 @@ def _result(cfg: LoadTestConfig, stats: _Stats, elapsed: float) -> LoadTestResul
         throughput_rps=ok / elapsed if elapsed > 0 else 0.0,
         rows_per_s=ok * cfg.rows_per_request / elapsed if elapsed > 0 else 0.0,
         latency_ms=_percentiles(stats.latencies),
-        error_latency_ms=_percentiles(stats.error_latencies),
+        error_latency_ms=_percentiles([s for latencies in stats.error_latencies.values() for s in latencies]),
+        error_latency_ms_by_code={code: _percentiles(s) for code, s in sorted(stats.error_latencies.items())},
+        send_lag_ms=_percentiles(stats.send_lag),
+        latency_from_send_ms_by_code={code: _percentiles(s) for code, s in sorted(stats.from_send.items())},
         target=cfg.target,
         version=cfg.version,
         warmup_s=cfg.warmup,

@@ -22,8 +22,9 @@ for _signum in (signal.SIGTERM, signal.SIGINT):
 import asyncio  # noqa: E402
 import logging  # noqa: E402
 
-# Quiet TensorFlow's C++ start-up chatter before anything imports it (SPEC §11).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from server.tf_logging import quiet_tensorflow_logs  # noqa: E402
+
+quiet_tensorflow_logs()  # before anything imports TensorFlow
 
 from server.hold import HoldPoints  # noqa: E402
 from server.settings import configure_logging, parse_settings  # noqa: E402

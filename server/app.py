@@ -123,9 +123,11 @@ def _grpc_server(
     far above our admission limit (--max-concurrent-rpcs), so that overload is answered by us, with
     RESOURCE_EXHAUSTED, and not by gRPC cancelling calls from its backlog. grpc.aio's own
     maximum_concurrent_rpcs is not used: it stops taking calls from that backlog instead of refusing them."""
+    streams = [("grpc.max_concurrent_streams", n) for n in [settings.max_concurrent_streams] if n]
     return grpc.aio.server(
         interceptors=interceptors,
         options=[
+            *streams,
             ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
             ("grpc.max_send_message_length", settings.max_send_message_bytes),
             # Alone, a port already in use is an error, not a silent second listener; --workers share it on purpose.

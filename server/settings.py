@@ -97,6 +97,13 @@ class Settings:
         "--max-concurrent-rpcs: past it gRPC cancels calls itself, before our admission control can answer them.",
         int,
     )
+    max_concurrent_streams: int = _setting(
+        0,
+        "Calls in flight at once on each client connection (HTTP/2 MAX_CONCURRENT_STREAMS). A client's further "
+        "calls wait on its own side, costing the server nothing, until one ends or their deadline passes. "
+        "0 = gRPC's default (no limit).",
+        int,
+    )
     max_receive_message_bytes: int = _setting(
         16 * MIB, "Largest request message accepted; larger ones get RESOURCE_EXHAUSTED.", int
     )
@@ -189,6 +196,8 @@ class Settings:
             problems.append(f"max_concurrent_rpcs must be >= 0 (0 = no limit), got {self.max_concurrent_rpcs}")
         if self.workers < 0:
             problems.append(f"workers must be >= 0 (0 = one per CPU core), got {self.workers}")
+        if self.max_concurrent_streams < 0:
+            problems.append(f"max_concurrent_streams must be >= 0 (0 = no limit), got {self.max_concurrent_streams}")
         if self.max_pending_rpcs < 1:
             problems.append(f"max_pending_rpcs must be >= 1, got {self.max_pending_rpcs}")
         for name in ("max_receive_message_bytes", "max_send_message_bytes", "inference_threads"):

@@ -63,6 +63,7 @@ def test_the_image_serves_checks_health_and_drains_under_64_callers(image, volum
     try:
         container.wait_serving()
         assert "exported multi_input version 1" in container.logs()
+        assert "cuInit" not in container.logs()  # TensorFlow's CUDA probe is not an error where there is no GPU
         healthcheck = podman("healthcheck", "run", container.name, check=False)
         assert healthcheck.returncode == 0, healthcheck.stdout + healthcheck.stderr
 

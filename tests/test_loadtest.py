@@ -37,6 +37,14 @@ def assert_consistent(result: LoadTestResult) -> None:
         assert result.rows_per_s == pytest.approx(result.throughput_rps * result.rows_per_request)
     else:
         assert all(value is None for value in result.latency_ms.values())
+    # Latency per status code: every sent call under its code (calls not sent have none), OK included from the send.
+    sent = {code for code in result.errors if code != CLIENT_OVERLOAD}
+    assert set(result.error_latency_ms_by_code) == sent
+    assert set(result.latency_from_send_ms_by_code) == sent | ({"OK"} if result.ok else set())
+    if result.mode == "open":
+        assert result.send_lag_ms["p50"] is not None and result.send_lag_ms["p50"] >= 0
+    else:
+        assert all(value is None for value in result.send_lag_ms.values())
 
 
 def test_closed_loop_count_matches_the_servers_counter(server: ServerProcess) -> None:
@@ -117,6 +125,10 @@ def test_a_silent_server_hits_the_deadline_and_the_open_loop_cap() -> None:
     assert result.ok == 0 and result.requests == 10
     assert result.errors[CLIENT_OVERLOAD] == 8
     assert set(result.errors) <= {CLIENT_OVERLOAD, "DEADLINE_EXCEEDED", "UNAVAILABLE"}
+    assert_consistent(result)
+    # The two calls sent ended at their deadline, not before: timed from their send, per code.
+    ended = result.latency_from_send_ms_by_code.get("DEADLINE_EXCEEDED")
+    assert ended is None or ended["p50"] >= 2900, ended
 
 
 def test_progress_is_written_to_the_given_stream(server: ServerProcess) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import random
 import time
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from clients.loadtest import LoadTestConfig, run_loadtest
 from modelserver.v1 import modelserver_pb2 as pb
+from tests.helpers.deploy_native import wait_until
 from tests.helpers.drain import CALLERS, drain_round
 from tests.helpers.models import keras_outputs, random_inputs
 from tests.helpers.server import ServerProcess
@@ -94,6 +96,53 @@ def test_overload_is_refused_with_resource_exhausted_and_the_server_recovers(mod
             )(request, timeout=30)
         assert abs(response.output[0] - expected) < 1e-5
     finally:
+        server.kill()
+
+
+def test_max_concurrent_streams_caps_calls_per_connection(model_repository, keras_models):
+    """--max-concurrent-streams: a connection's calls beyond the limit never reach the server. gRPC core refuses
+    them (RST_STREAM REFUSED_STREAM, UNAVAILABLE to the caller) or, once the client has the limit, they wait on
+    the client's side. Another connection still gets in, and the admitted calls are answered right."""
+    server = ServerProcess(model_repository, ["--max-concurrent-streams", "8"], holds=True)
+    request, expected = _one_row(keras_models)
+    busy = grpc.insecure_channel(server.target)
+    other = grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+    try:
+        server.wait_serving()
+        predict = [
+            channel.unary_unary(
+                "/modelserver.v1.ModelService/PredictMultiInput",
+                request_serializer=pb.PredictMultiInputRequest.SerializeToString,
+                response_deserializer=pb.PredictMultiInputResponse.FromString,
+            )
+            for channel in (busy, other)
+        ]
+        inflight = functools.partial(server.metric, "modelserver_inflight_requests", model="multi_input")
+        server.hold()
+        calls = [predict[0].future(request, timeout=120) for _ in range(12)]
+        wait_until(lambda: inflight() >= 8, 120, "8 calls in flight", interval=0.02)
+        calls.append(predict[1].future(request, timeout=120))
+        wait_until(lambda: inflight() >= 9, 120, "the other connection's call in flight", interval=0.02)
+        assert inflight() == 9, "calls beyond the first connection's 8 streams reached the server"
+        server.release()
+        codes = collections.Counter()
+        for call in calls:
+            if call.exception(timeout=120) is None:
+                assert abs(call.result().output[0] - expected) < 1e-5
+                codes["OK"] += 1
+            else:
+                assert call.code() == grpc.StatusCode.UNAVAILABLE and "RST_STREAM" in call.details(), call
+                codes["UNAVAILABLE"] += 1
+        assert codes["OK"] >= 9, codes
+        # Refused in gRPC core, not by us: the server answered no call with UNAVAILABLE.
+        unavailable = server.metric(
+            "modelserver_requests_total", model="multi_input", method="PredictMultiInput", code="UNAVAILABLE"
+        )
+        assert unavailable == 0
+    finally:
+        server.release()
+        busy.close()
+        other.close()
         server.kill()
 
 

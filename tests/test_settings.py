@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ from modelserver.v1 import modelserver_pb2 as pb
 from server.batching_config import SETTINGS as BATCHING_SETTINGS
 from server.batching_config import BatchingConfig, flag_name
 from server.settings import Settings, build_parser, parse_settings
+from server.tf_logging import nvidia_driver_present
+from tests.helpers.server import REPO_ROOT
 
 
 def test_defaults():
@@ -137,3 +142,21 @@ def test_version_policies_choose_among_complete_versions():
     assert settings.version_policy_for("b").aspired(on_disk) == {1, 3}
     assert settings.version_policy_for("b").aspired([2]) == set()
     assert parse_settings([], environ={}).version_policy_for("x").aspired(on_disk) == {5}
+
+
+def test_tensorflow_probing_for_a_gpu_logs_no_error_where_there_is_none():
+    """TensorFlow's CUDA probe logs "failed call to cuInit" as an error on every machine without an NVIDIA driver;
+    the server sets TensorFlow's log level before importing it so that a CPU start logs no error."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    code = (
+        "from server.tf_logging import quiet_tensorflow_logs; quiet_tensorflow_logs()\n"
+        "import os, tensorflow as tf\n"
+        "print(os.environ['TF_CPP_MIN_LOG_LEVEL'], len(tf.config.list_physical_devices('GPU')))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    level, gpus = run.stdout.split()
+    assert level == ("2" if nvidia_driver_present() else "3")
+    assert "cuInit" not in run.stderr, run.stderr

@@ -8,10 +8,11 @@ repository path cannot disagree with the servers'.
 
 from __future__ import annotations
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from server.tf_logging import quiet_tensorflow_logs
+
+quiet_tensorflow_logs()  # before anything imports TensorFlow
 
 from models.registry import BUILTIN_MODELS  # noqa: E402
 from server import repository  # noqa: E402
