@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto')
 GENERATED := modelserver/v1/modelserver_pb2.py
 
-.PHONY: run test generate lint bench bench-reliability bench-protocols bench-lifecycle perf-analyzer clean
+.PHONY: run test generate lint bench bench-reliability bench-overload bench-protocols bench-lifecycle perf-analyzer clean
 
 # Reinstall when the dependency pins change or the venv's interpreter no longer runs.
 $(STAMP): pyproject.toml requirements.lock
@@ -53,9 +53,13 @@ bench: $(STAMP) $(GENERATED)
 	$(PY) -m bench.run $(ARGS)
 	$(PY) -m bench.workers
 
-# Drain over 10 SIGTERMs, overload at 2x and 4x capacity, and a 10-minute soak (about 13 minutes in all).
+# Drain over 10 SIGTERMs and a 10-minute soak (about 12 minutes in all).
 bench-reliability: $(STAMP) $(GENERATED)
 	$(PY) -m bench.reliability $(ARGS)
+
+# Open loops at 2x and 4x capacity through nginx (deploy/nginx/nginx.conf) and at the bare server (about 4 minutes).
+bench-overload: $(STAMP) $(GENERATED) deploy-tools
+	$(PY) -m bench.overload $(ARGS)
 
 bench-protocols: $(STAMP) $(GENERATED)
 	$(PY) -m bench.protocols $(ARGS)

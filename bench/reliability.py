@@ -1,8 +1,8 @@
-"""Reliability figures (issue: nothing accepted is lost, overload is shed): drain over repeated SIGTERMs under
-load, overload at 2x and 4x the measured capacity, and a soak at concurrency 16. Every call is counted on the
-client side. Prints JSON (also written to bench/results/).
+"""Reliability figures (issue: nothing accepted is lost): drain over repeated SIGTERMs under load, and a soak at
+concurrency 16. Every call is counted on the client side. Prints JSON (also written to bench/results/).
+Overload at 2x and 4x capacity, through nginx and at the bare server, is bench/overload.py.
 
-Usage: python -m bench.reliability [--drains 10] [--overload-seconds 8] [--soak-seconds 600]
+Usage: python -m bench.reliability [--drains 10] [--soak-seconds 600]
 """
 
 from __future__ import annotations
@@ -11,17 +11,14 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.run import load, log, machine  # noqa: E402
@@ -65,79 +62,6 @@ def drains(repository: Path, rounds: int) -> dict:
     }
 
 
-def _probe(target: str, stop: threading.Event, samples: list[tuple[float, float | None]]) -> None:
-    """One 1-row request every 20 ms: (send time, latency or None when refused)."""
-    with grpc.insecure_channel(target) as channel:
-        predict = channel.unary_unary(
-            "/modelserver.v1.ModelService/PredictMultiInput",
-            request_serializer=pb.PredictMultiInputRequest.SerializeToString,
-            response_deserializer=pb.PredictMultiInputResponse.FromString,
-        )
-        while not stop.is_set():
-            sent = time.monotonic()
-            try:
-                predict(REQUEST, timeout=10)
-                samples.append((sent, time.monotonic() - sent))
-            except grpc.RpcError:
-                samples.append((sent, None))
-            stop.wait(0.02)
-
-
-def overload(repository: Path, seconds: float) -> dict:
-    """Capacity from a closed loop at c=64; then open loops at 2x and 4x it, with a probe measuring recovery."""
-    server = _serving(repository)
-    try:
-        load(server.target, "multi_input", 1.0, concurrency=64)  # warm-up
-        results = {"server_rss_before_mb": _rss_bytes(server.process.pid) / 2**20}
-        unloaded = load(server.target, "multi_input", 5.0, concurrency=64)
-        capacity = unloaded["throughput_rps"]
-        calm = load(server.target, "multi_input", 3.0, concurrency=1)
-        threshold = 3 * calm["latency_ms"]["p99"] / 1000
-        results |= {"capacity_rps": capacity, "unloaded_c64": unloaded, "unloaded_c1": calm}
-        for factor in (2, 4):
-            samples: list[tuple[float, float | None]] = []
-            stop = threading.Event()
-            prober = threading.Thread(target=_probe, args=(server.target, stop, samples))
-            rss_peak = [_rss_bytes(server.process.pid)]
-
-            def sample_rss(stop: threading.Event = stop, peak: list[int] = rss_peak) -> None:
-                while not stop.wait(0.1):
-                    peak[0] = max(peak[0], _rss_bytes(server.process.pid))
-
-            sampler = threading.Thread(target=sample_rss)
-            sampler.start()
-            started = time.monotonic()
-            prober.start()
-            with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                subprocess.run([sys.executable, "-m", "clients", "--target", server.target, "--timeout", "5",
-                                "loadtest", "multi_input", "--rate", str(factor * capacity), "--duration", str(seconds),
-                                "--max-outstanding", "100000", "--no-progress", "--json", out.name],
-                               cwd=REPO_ROOT, check=True, capture_output=True)  # fmt: skip
-                result = json.loads(Path(out.name).read_text())
-            end = started + seconds
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not any(
-                t > end and latency is not None and latency < threshold for t, latency in samples
-            ):
-                time.sleep(0.05)
-            stop.set()
-            prober.join()
-            sampler.join()
-            result["server_rss_peak_mb"] = rss_peak[0] / 2**20
-            recovered = [t for t, latency in samples if t > end and latency is not None and latency < threshold]
-            result["recovery_s"] = (recovered[0] - end) if recovered else None
-            result["recovery_threshold_ms"] = threshold * 1000
-            result["admitted_p99_over_unloaded_c64_p99"] = (
-                result["latency_ms"]["p99"] / unloaded["latency_ms"]["p99"] if result["latency_ms"]["p99"] else None
-            )
-            results[f"{factor}x"] = result
-            log(f"overload {factor}x: ok {result['ok']} errors {result['errors']} recovery {result['recovery_s']}")
-        results["server_log_tracebacks"] = server.log_text().count("Traceback")
-        return results
-    finally:
-        server.kill()
-
-
 def _rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -178,9 +102,8 @@ def soak(repository: Path, seconds: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--drains", type=int, default=10)
-    parser.add_argument("--overload-seconds", type=float, default=8.0)
     parser.add_argument("--soak-seconds", type=float, default=600.0)
-    parser.add_argument("--only", choices=("drain", "overload", "soak"), help="run one part only")
+    parser.add_argument("--only", choices=("drain", "soak"), help="run one part only")
     parser.add_argument("--out", type=Path, help="JSON output (default: bench/results/reliability-<time>.json)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
@@ -189,8 +112,6 @@ def main() -> None:
         report: dict = {"machine": machine(), "command": " ".join(sys.argv)}
         if args.only in (None, "drain"):
             report["drain"] = drains(repository, args.drains)
-        if args.only in (None, "overload"):
-            report["overload"] = overload(repository, args.overload_seconds)
         if args.only in (None, "soak"):
             report["soak"] = soak(repository, args.soak_seconds)
     out = args.out or REPO_ROOT / "bench" / "results" / f"reliability-{time.strftime('%Y%m%d-%H%M%S')}.json"
