@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from grpc_channelz.v1 import channelz_pb2
 from grpc_channelz.v1.channelz import ChannelzServicer
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 # about 0.1-0.3 ms of CPU, which an idle server should not spend 50 times a second).
 SAMPLE_INTERVAL_NEAR_LIMIT = 0.02
 SAMPLE_INTERVAL_FAR_BELOW = 0.1
+# The back-off hint of a refusal: the time to serve the calls beyond the limit, within these bounds; the fallback
+# before any model call has been timed.
+BACKOFF_BOUNDS = (0.01, 10.0)
+BACKOFF_UNMEASURED = 0.1
 
 
 def _outstanding_in_grpc() -> int:
@@ -40,9 +45,14 @@ class AdmissionControl:
     except while fewer than `keep_busy` are admitted: the models always have work, so shedding never costs
     throughput."""
 
-    def __init__(self, limit: int, keep_busy: int = 16) -> None:
+    def __init__(
+        self, limit: int, keep_busy: int = 16, seconds_per_call: Callable[[], float | None] = lambda: None
+    ) -> None:
+        """`seconds_per_call()`: what serving one more call costs now (the batcher's cost models), None while
+        unmeasured; it sets the back-off hint."""
         self.limit = limit
         self.keep_busy = keep_busy
+        self._seconds_per_call = seconds_per_call
         self.outstanding = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -72,5 +82,13 @@ class AdmissionControl:
         if self.limit and self.outstanding > self.limit and admitted >= self.keep_busy:
             raise OverloadedError(
                 f"the server is overloaded: {self.outstanding} requests are outstanding (limit {self.limit}); "
-                "back off and retry in about 100 ms"
+                f"back off and retry in about {round(self.backoff_seconds() * 1000)} ms"
             )
+
+    def backoff_seconds(self) -> float:
+        """How long until the calls beyond the limit have been served, at what one call costs now."""
+        per_call = self._seconds_per_call()
+        if per_call is None:
+            return BACKOFF_UNMEASURED
+        low, high = BACKOFF_BOUNDS
+        return min(high, max(low, (self.outstanding - self.limit) * per_call))

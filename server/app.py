@@ -197,7 +197,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callabl
     metrics.track_gc_pauses()
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="model")
     batcher = Batcher(executor, settings.batching_for)
-    admission = AdmissionControl(settings.max_concurrent_rpcs)
+    admission = AdmissionControl(settings.max_concurrent_rpcs, seconds_per_call=batcher.seconds_per_call)
     loading = _Loading(batcher, HoldPoints(settings.test_hold_dir))
     manager = ModelManager(
         settings.model_repository,

@@ -171,6 +171,18 @@ class Batcher:
         queue = self._queues.get((runtime.name, runtime.version))
         return 0.0 if queue is None else queue.wait_estimate()
 
+    def seconds_per_call(self) -> float | None:
+        """What one more 1-row call costs the server now, from the cost models: its share of a full batch (what
+        runs under overload) plus its request work, for the costliest model measured (None before any call was
+        timed). Admission control's back-off hint (server/admission.py)."""
+        costs = [
+            queue.cost.seconds(size) / size + queue.cost.per_request
+            for queue in self._queues.values()
+            if queue.cost.by_size
+            for size in [queue.cost.best_size(queue.limits.max_batch_size) if queue.joinable else 1]
+        ]
+        return max(costs, default=None)
+
     def cost_model(self, runtime: ModelRuntime) -> CostModel | None:
         queue = self._queues.get((runtime.name, runtime.version))
         return None if queue is None else queue.cost

@@ -20,6 +20,7 @@ import numpy as np
 from prometheus_client import REGISTRY
 
 from server import metrics
+from server.batch_policy import CostModel
 from server.batching_config import BatchingConfig
 from server.errors import InvalidInputError, OverloadedError, UnavailableError
 from server.manager import ACCEPTING, ModelManager, Phase, State, Version
@@ -37,6 +38,14 @@ class Runner(Protocol):
         self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray], rows: int, deadline: float | None = None
     ) -> dict[str, np.ndarray]: ...
 
+    def cost_model(self, runtime: ModelRuntime) -> CostModel | None:
+        """The model version's measured call cost (None before its first call)."""
+        ...
+
+    def wait_estimate(self, runtime: ModelRuntime) -> float:
+        """Seconds until the work queued now for this version has run."""
+        ...
+
 
 @dataclass(frozen=True)
 class ModelMetadata:
@@ -50,6 +59,8 @@ class ModelMetadata:
     batching: BatchingConfig
     ready: bool
     batched: bool = True  # False: no batch dimension (shapes are whole, one request is one model call)
+    cost: CostModel | None = None  # the batcher's measured call cost, None before the version's first call
+    queue_wait: float = 0.0  # seconds until the work queued now has run, from that cost
 
 
 @dataclass(frozen=True)
@@ -292,6 +303,8 @@ class InferenceService:
             else dataclasses.replace(self._batching_for(name), enabled=False),
             ready=self.manager.is_ready(name, runtime.version),
             batched=runtime.batched,
+            cost=self._runner.cost_model(runtime),
+            queue_wait=self._runner.wait_estimate(runtime),
         )
 
     # -- shutdown ---------------------------------------------------------------------------------

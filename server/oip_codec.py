@@ -356,6 +356,7 @@ def model_config(
     outputs: Sequence[TensorSpec],
     max_batch_size: int,
     batching: tuple[tuple[int, ...], float] | None,
+    parameters: Mapping[str, str] | None = None,
 ) -> mc.ModelConfig:
     """The model as Triton's ModelConfig describes it: rows are the batch dimension (left out of dims), and
     dynamic batching lists our allowed batch sizes and the batch timeout when batching is on. A model without
@@ -372,6 +373,8 @@ def model_config(
         sizes, timeout = batching
         config.dynamic_batching.preferred_batch_size.extend(sizes)
         config.dynamic_batching.max_queue_delay_microseconds = int(timeout * 1e6)
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = value
     return config
 
 

@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 from server import oip_codec as oip
 from server.errors import InvalidInputError, ModelNotFoundError, NotAllowedError, quoted
 from server.inference import InferenceService
+from server.inference import ModelMetadata as Metadata
 from server.manager import ACCEPTING, Phase
 from server.metrics import REQUEST_DURATION, REQUESTS
 from server.rpc import MalformedRequest, deadline_of, rpc
@@ -136,6 +137,7 @@ class OipService:
             b.max_batch_size if meta.batched else 0,
             # The longest a request waits for company (an upper bound under the 'cost' policy).
             (b.allowed_batch_sizes, b.batch_timeout) if b.enabled else None,
+            _batching_parameters(meta) if b.enabled else {},
         )
         return pb.ModelConfigResponse(config=config)
 
@@ -349,3 +351,17 @@ class OipService:
         finally:
             REQUESTS.labels(label, "ModelStreamInfer", code.name).inc()
             REQUEST_DURATION.labels(label, "ModelStreamInfer").observe(time.perf_counter() - started)
+
+
+def _batching_parameters(meta: Metadata) -> dict[str, str]:
+    """What the batcher decides from, as ModelConfig parameters: the policy, and once the version has run, its
+    measured call cost (fixed + per row, what the 'cost' policy and the back-off hints use) and the time the work
+    queued now will take."""
+    parameters = {"batch_policy": meta.batching.policy}
+    if meta.cost is not None and meta.cost.by_size:
+        parameters |= {
+            "batch_cost_fixed_ms": f"{meta.cost.a * 1000:.3f}",
+            "batch_cost_per_row_ms": f"{meta.cost.b * 1000:.4f}",
+            "queue_wait_ms": f"{meta.queue_wait * 1000:.1f}",
+        }
+    return parameters

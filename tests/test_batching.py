@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from server.admission import AdmissionControl
 from server.batching import Batcher, BatchingConfig, default_batch_sizes
 from server.errors import (
     DeadlineExpiredError,
@@ -548,3 +549,27 @@ def test_the_cost_policy_waits_for_rows_it_expects_and_never_past_a_deadline(exe
     assert runtime.calls == [1, 4, 4]
     assert sample("modelserver_batches_total", reason="waited") - waited == 1
     assert sample("modelserver_batches_total", reason="deadline") - deadline == 1
+
+
+def test_admission_back_off_hint_comes_from_the_cost_model(executor, runtime):
+    """A refusal by admission control says how long to back off: the calls beyond the limit times what one call
+    costs now (its share of a full batch plus its request work), from the batcher's cost model; a fixed guess only
+    before any model call has been timed."""
+
+    async def scenario():
+        batcher = make_batcher(executor, max_batch_size=64)
+        admission = AdmissionControl(100, seconds_per_call=batcher.seconds_per_call)
+        admission.outstanding = 300
+        with pytest.raises(OverloadedError, match="about 100 ms"):
+            admission.check(admitted=20)  # nothing measured yet
+        await batcher.run(runtime, rows_of(1, seed=0), 1)
+        cost = batcher.cost_model(runtime)
+        cost.by_size.clear()
+        cost.observe(64, 0.064)  # a full batch: 1 ms per row
+        cost.per_request = 0.0002
+        assert batcher.seconds_per_call() == pytest.approx(0.0012)
+        with pytest.raises(OverloadedError, match=r"300 requests are outstanding \(limit 100\).*about 240 ms"):
+            admission.check(admitted=20)  # 200 calls beyond the limit x 1.2 ms
+        admission.check(admitted=10)  # fewer than keep_busy admitted: the models must not starve
+
+    asyncio.run(scenario())

@@ -55,9 +55,15 @@ def test_model_metadata_and_config_describe_the_signature(triton_client):
     assert metadata.versions == ["1"] and metadata.platform == "tensorflow_savedmodel"
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("image", "FP32", [-1, 28, 28, 1])]
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("probabilities", "FP32", [-1, 10])]
+    triton_client.infer("multi_input", _inputs(_multi_input_rows(2)))  # so that the version's cost is measured
     config = triton_client.get_model_config("multi_input").config
     assert config.max_batch_size == 64 and config.dynamic_batching.preferred_batch_size[-1] == 64
     assert [(i.name, list(i.dims)) for i in config.input] == [("input_a", [10]), ("input_b", [20])]
+    # What the batcher decides from: its policy and the measured call cost (a + b x rows, a > 0) and queue wait.
+    parameters = {key: p.string_value for key, p in config.parameters.items()}
+    assert parameters["batch_policy"] == "cost"
+    assert float(parameters["batch_cost_fixed_ms"]) > 0 and float(parameters["batch_cost_per_row_ms"]) >= 0
+    assert float(parameters["queue_wait_ms"]) >= 0
 
 
 def test_infer_with_raw_tensors_equals_keras_and_echoes_the_id(triton_client, keras_models):
