@@ -74,7 +74,7 @@ bench-lifecycle: $(STAMP) $(GENERATED)
 IMAGE ?= localhost/modelserver:local
 BASE_IMAGE ?= localhost/modelserver-base:bookworm
 WHEELHOUSE := deploy/docker/wheelhouse
-.PHONY: image base-image nginx-image wheelhouse
+.PHONY: image base-image nginx-image prometheus-image wheelhouse
 wheelhouse: $(WHEELHOUSE)/.complete
 $(WHEELHOUSE)/.complete: pyproject.toml requirements.lock deploy/docker/requirements-image.lock | $(STAMP)
 	$(PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
@@ -90,6 +90,11 @@ base-image:
 NGINX_IMAGE ?= localhost/modelserver-nginx:bookworm
 nginx-image: deploy-tools
 	deploy/podman/make-debian-image nginx $(NGINX_IMAGE)
+
+# Debian's Prometheus as an image, for the compose stack's prometheus service under podman.
+PROMETHEUS_IMAGE ?= localhost/modelserver-prometheus:bookworm
+prometheus-image: deploy-tools
+	deploy/podman/make-debian-image prometheus $(PROMETHEUS_IMAGE)
 
 image: wheelhouse base-image deploy-tools
 	podman build --format docker --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) .

@@ -1,8 +1,9 @@
-"""The compose stack run for real under podman-compose (issue 16): the model-export step, two server replicas and
-nginx (Debian's, `make nginx-image`) from docker-compose.yml with the replicated override, a prediction through
-nginx equal to the in-process model's, both replicas serving, and a rolling restart under load in which callers
-with the project's retry policy lose nothing. Prometheus and Grafana are not started: no image of them can be made
-here (README, "What was verified here"). Skipped, with the reason, only where podman cannot run.
+"""The compose stack run for real under podman-compose (issue 16): the model-export step, two server replicas,
+nginx and Prometheus (Debian's, `make nginx-image` and `make prometheus-image`) from docker-compose.yml with the
+replicated override, a prediction through nginx equal to the in-process model's, both replicas serving and
+scraped, and a rolling restart under load in which callers with the project's retry policy lose nothing.
+Grafana is not started: no image of it can be made here (README, "What was verified here"). Skipped, with the
+reason, only where podman cannot run.
 
 podman-compose differs from Docker Compose in ways the stack has to live with, all documented in the README: it
 does not wait for `service_healthy`, reruns model-export whenever a server starts (harmless: the export lock makes
@@ -12,9 +13,13 @@ a rerun find intact copies), does not turn stop_grace_period into a stop timeout
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +38,7 @@ from tests.helpers.server import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(containers.BUILD_SECONDS + 900)
 NGINX_IMAGE = "localhost/modelserver-nginx:bookworm"
+PROMETHEUS_IMAGE = "localhost/modelserver-prometheus:bookworm"
 REPLICAS = 2
 STOP_TIMEOUT = 30  # the compose file's stop_grace_period, which podman-compose does not pass on
 OK_CALLS = {"model": "multi_input", "method": "PredictMultiInput", "code": "OK"}
@@ -45,7 +51,14 @@ class Stack:
     def __init__(self) -> None:
         self.project = f"modelserver-test-{uuid.uuid4().hex[:8]}"
         self.port = free_port()
-        self.env = {**os.environ, "NGINX_IMAGE": NGINX_IMAGE, "MODELSERVER_PORT": str(self.port)}
+        self.prometheus_port = free_port()
+        self.env = {
+            **os.environ,
+            "NGINX_IMAGE": NGINX_IMAGE,
+            "MODELSERVER_PORT": str(self.port),
+            "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
+            "PROMETHEUS_PORT": str(self.prometheus_port),
+        }
         self.target = f"127.0.0.1:{self.port}"
 
     def compose(self, *args: str, timeout: float = 600) -> str:
@@ -80,6 +93,15 @@ class Stack:
                     return sample.value
         return 0.0
 
+    def prometheus_query(self, expr: str) -> list[dict]:
+        """An instant query against the stack's Prometheus, through its published port ([] until it answers)."""
+        url = f"http://127.0.0.1:{self.prometheus_port}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return json.load(response)["data"]["result"]
+        except (urllib.error.URLError, ConnectionError):
+            return []
+
     def reload_nginx(self) -> None:
         for name in self.containers("nginx"):
             podman("exec", name, "nginx", "-s", "reload")
@@ -91,11 +113,13 @@ def stack() -> Iterator[Stack]:
     if reason:
         pytest.skip(reason)
     containers.build_image()
-    make = ["make", "--no-print-directory", "nginx-image", f"NGINX_IMAGE={NGINX_IMAGE}"]
+    make = ["make", "--no-print-directory", "nginx-image", "prometheus-image",
+            f"NGINX_IMAGE={NGINX_IMAGE}", f"PROMETHEUS_IMAGE={PROMETHEUS_IMAGE}"]  # fmt: skip
     subprocess.run(make, cwd=REPO_ROOT, check=True, capture_output=True, timeout=containers.BUILD_SECONDS)
     stack = Stack()
     try:
-        stack.compose("up", "-d", "--no-build", "--scale", f"server={REPLICAS}", "model-export", "server", "nginx")
+        stack.compose("up", "-d", "--no-build", "--scale", f"server={REPLICAS}",
+                      "model-export", "server", "nginx", "prometheus")  # fmt: skip
         servers = stack.containers("server")
         assert len(servers) == REPLICAS, servers
         wait_until(lambda: all(stack.healthy(name) for name in servers), 300, "both replicas healthy", interval=1)
@@ -129,6 +153,19 @@ def test_model_export_runs_and_both_replicas_serve_predictions_through_nginx(sta
             np.testing.assert_allclose(client.predict("multi_input", inputs)["output"], expected, atol=1e-5)
     added = [stack.requests(name) - b for name, b in zip(servers, before, strict=True)]
     assert sum(added) == 40 and all(n > 0 for n in added), added  # nginx spreads the calls over both replicas
+
+
+def test_prometheus_finds_and_scrapes_every_replica_through_the_compose_dns_name(stack):
+    """deploy/prometheus/prometheus.yml as shipped: the replicas are found through the DNS name `server`, one A
+    record each, and every one is scraped (up = 1, its models ready)."""
+
+    def replicas_up() -> bool:
+        up = stack.prometheus_query('up{job="modelserver"}')
+        return len(up) == REPLICAS and all(series["value"][1] == "1" for series in up)
+
+    wait_until(replicas_up, 120, f"Prometheus to scrape {REPLICAS} replicas", interval=1)
+    ready = stack.prometheus_query('modelserver_model_ready{model="multi_input"} == 1')
+    assert len({series["metric"]["instance"] for series in ready}) == REPLICAS, ready
 
 
 def test_rolling_restart_loses_nothing_for_retrying_callers(stack):
