@@ -123,7 +123,9 @@ def _grpc_server(
     far above our admission limit (--max-concurrent-rpcs), so that overload is answered by us, with
     RESOURCE_EXHAUSTED, and not by gRPC cancelling calls from its backlog. grpc.aio's own
     maximum_concurrent_rpcs is not used: it stops taking calls from that backlog instead of refusing them."""
-    streams = [("grpc.max_concurrent_streams", n) for n in [settings.max_concurrent_streams] if n]
+    streams = []
+    if settings.max_concurrent_streams:  # else gRPC's default: no limit per connection
+        streams.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
     return grpc.aio.server(
         interceptors=interceptors,
         options=[

@@ -23,8 +23,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from server import oip_codec as oip
 from server.errors import InvalidInputError, ModelNotFoundError, NotAllowedError, quoted
-from server.inference import InferenceService
-from server.inference import ModelMetadata as Metadata
+from server.inference import InferenceService, ModelMetadata
 from server.manager import ACCEPTING, Phase
 from server.metrics import REQUEST_DURATION, REQUESTS
 from server.rpc import MalformedRequest, deadline_of, rpc
@@ -353,7 +352,7 @@ class OipService:
             REQUEST_DURATION.labels(label, "ModelStreamInfer").observe(time.perf_counter() - started)
 
 
-def _batching_parameters(meta: Metadata) -> dict[str, str]:
+def _batching_parameters(meta: ModelMetadata) -> dict[str, str]:
     """What the batcher decides from, as ModelConfig parameters: the policy, and once the version has run, its
     measured call cost (fixed + per row, what the 'cost' policy and the back-off hints use) and the time the work
     queued now will take."""

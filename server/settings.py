@@ -99,9 +99,9 @@ class Settings:
     )
     max_concurrent_streams: int = _setting(
         0,
-        "Calls in flight at once on each client connection (HTTP/2 MAX_CONCURRENT_STREAMS). A client's further "
-        "calls wait on its own side, costing the server nothing, until one ends or their deadline passes. "
-        "0 = gRPC's default (no limit).",
+        "Calls in flight at once on each client connection (HTTP/2 MAX_CONCURRENT_STREAMS). gRPC core refuses a "
+        "connection's calls beyond it (UNAVAILABLE, the call never started) or the client holds them back, "
+        "before the server's Python sees them. 0 = gRPC's default (no limit).",
         int,
     )
     max_receive_message_bytes: int = _setting(
