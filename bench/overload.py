@@ -30,6 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import grpc  # noqa: E402
+import numpy as np  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from bench.run import load, log, machine  # noqa: E402
@@ -108,8 +109,40 @@ def _open_loop(target: str, rate: float, seconds: float) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
-def overload_run(server: ServerProcess, target: str, rate: float, seconds: float, recovered_below_s: float) -> dict:
-    """One open loop at `rate` against `target`, with the probe timing recovery and the server's counts."""
+# nginx's access log (deploy/nginx/nginx.conf's format): its own answers have no upstream; time= is $request_time.
+ACCESS_TIME = re.compile(r"upstream=(\S+) time=([0-9.]+)")
+
+
+def _nginx_times(nginx: NginxProcess, offset: int) -> dict[str, dict[str, float | None]]:
+    """nginx's own time per call from its access log past `offset` ($request_time, millisecond resolution):
+    the edge's answer time, whatever the load client's lateness. `refused`: nginx's own answers; `proxied`: the
+    calls it passed to the server."""
+    with (nginx.workdir / "access.log").open() as log:
+        log.seek(offset)
+        lines = log.read().splitlines()
+    times: dict[str, list[float]] = {"refused": [], "proxied": []}
+    for match in filter(None, map(ACCESS_TIME.search, lines)):
+        times["refused" if match.group(1) == "-" else "proxied"].append(float(match.group(2)) * 1000)
+    return {kind: _p50_p99(values) for kind, values in times.items()}
+
+
+def _p50_p99(ms: list[float]) -> dict[str, float | None]:
+    if not ms:
+        return {"p50": None, "p99": None, "count": 0}
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "count": len(ms)}
+
+
+def overload_run(
+    server: ServerProcess,
+    target: str,
+    rate: float,
+    seconds: float,
+    recovered_below_s: float,
+    nginx: NginxProcess | None = None,
+) -> dict:
+    """One open loop at `rate` against `target`, with the probe timing recovery, the server's counts, and (through
+    nginx) nginx's own time per call."""
+    log_offset = (nginx.workdir / "access.log").stat().st_size if nginx else 0
     codes_before, buckets_before = _server_counts(server)
     samples: list[tuple[float, float | None]] = []
     stop = threading.Event()
@@ -145,6 +178,7 @@ def overload_run(server: ServerProcess, target: str, rate: float, seconds: float
         "server_p50_ms": _histogram_quantile(0.5, buckets_before, buckets_after),
         "server_p99_ms": _histogram_quantile(0.99, buckets_before, buckets_after),
         "recovery_s": (recovered[0] - end) if recovered else None,
+        "nginx_ms": _nginx_times(nginx, log_offset) if nginx else None,
         "client": result,
     }
 
@@ -158,14 +192,15 @@ def _brief(run: dict) -> str:
         f"ok {run['ok']} errors {run['errors']} reached server {run['reached_server']}; p50/p99 ms: refusal "
         f"{p50_p99(run['refusal_ms'])} (from send {p50_p99(from_send.get('RESOURCE_EXHAUSTED'))}), admitted "
         f"{p50_p99(run['admitted_ms'])} (from send {p50_p99(from_send.get('OK'))}), send lag "
-        f"{p50_p99(run['send_lag_ms'])}, server {run['server_p50_ms']}/{run['server_p99_ms']}; "
+        f"{p50_p99(run['send_lag_ms'])}, server {run['server_p50_ms']}/{run['server_p99_ms']}, nginx "
+        f"{run['nginx_ms']}; "
         f"recovery {run['recovery_s']} s"
     )
 
 
 @contextmanager
-def _target(variant: str, repository: Path, workdir: Path) -> Iterator[tuple[ServerProcess, str]]:
-    """The server of `variant`, and the address its load goes to (nginx's, or the server's own)."""
+def _target(variant: str, repository: Path, workdir: Path) -> Iterator[tuple[ServerProcess, str, NginxProcess | None]]:
+    """The server of `variant`, the address its load goes to (nginx's, or the server's own), and nginx."""
     server_args, through_nginx = VARIANTS[variant]
     server = ServerProcess(repository, server_args)
     nginx = None
@@ -173,7 +208,7 @@ def _target(variant: str, repository: Path, workdir: Path) -> Iterator[tuple[Ser
         server.wait_serving()
         if through_nginx:
             nginx = NginxProcess(workdir, [server.target])
-        yield server, nginx.target if nginx else server.target
+        yield server, nginx.target if nginx else server.target, nginx
     finally:
         if nginx is not None:
             nginx.stop()
@@ -210,7 +245,10 @@ def cap_sweep(server: ServerProcess, workdir: Path) -> dict:
 
 
 def measure(variant: str, repository: Path, capacity: float, factors: list[float], seconds: float) -> dict:
-    with tempfile.TemporaryDirectory() as workdir, _target(variant, repository, Path(workdir)) as (server, target):
+    with (
+        tempfile.TemporaryDirectory() as workdir,
+        _target(variant, repository, Path(workdir)) as (server, target, nginx),
+    ):
         load(target, MODEL, 1.0, concurrency=64)  # warm-up
         unloaded = load(target, MODEL, 5.0, concurrency=64)
         calm = load(target, MODEL, 3.0, concurrency=1)
@@ -222,7 +260,7 @@ def measure(variant: str, repository: Path, capacity: float, factors: list[float
             "unloaded_c1": calm,
         }
         for factor in factors:
-            run = overload_run(server, target, factor * capacity, seconds, 3 * calm["latency_ms"]["p99"] / 1000)
+            run = overload_run(server, target, factor * capacity, seconds, 3 * calm["latency_ms"]["p99"] / 1000, nginx)
             run["admitted_p99_over_unloaded_c64_p99"] = (
                 run["admitted_ms"]["p99"] / unloaded["latency_ms"]["p99"] if run["admitted_ms"]["p99"] else None
             )
