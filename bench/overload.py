@@ -3,9 +3,11 @@ open loops at 2x and 4x it from the project's load tester, through the compose s
 configuration, concurrency cap included) and straight to the server. Every call is counted on the client side;
 the server's own counts show which calls reached Python. Prints JSON (also written to bench/results/).
 
-Per run: refusal latency (RESOURCE_EXHAUSTED) p50/p99, admitted (OK) p50/p99 against the unloaded p99, errors by
-code, calls that reached the server, the server's own p99 for the calls it answered, and the recovery time (from
-the end of the overload until a probe on its own connection is answered within 3x the unloaded c=1 p99).
+Per run: refusal latency (RESOURCE_EXHAUSTED) p50/p99, admitted (OK) p50/p99 against the unloaded p99, each from
+the schedule and from the actual send, errors by code, calls that reached the server, the server's own p50/p99 for
+the calls it answered, nginx's own time per call (its access log), and the recovery time (from the end of the
+overload until a probe on its own connection is answered within 3x the unloaded c=1 p99). Before the nginx runs,
+a sweep of closed loops through nginx without its cap shows the concurrency that cap should be.
 
 Usage: python -m bench.overload [--seconds 8] [--factors 2 4] [--variants nginx bare bare-streams]
 """
