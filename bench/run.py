@@ -218,6 +218,12 @@ def run(duration: float, rounds: int) -> dict:
             for variant, result in interleaved({k: targets[k] for k in ("batched", "unbatched")}, "multi_input",
                                                duration, 1, rate=rate, warmup=0).items():  # fmt: skip
                 results["open_loop"][f"{variant} {int(share * 100)}%"] = result
+        # A lone caller once more, after every load above: the batcher must not carry what it learned under load
+        # (a model call's time while the process was busy) into a tax on a caller that is alone again.
+        log("multi_input, 1-row requests, concurrency 1 again, after the loads")
+        results["after_load_c1"] = interleaved(
+            {k: targets[k] for k in ("batched", "unbatched")}, "multi_input", duration, rounds, concurrency=1
+        )
     finally:
         for target in targets.values():
             target.stop()
@@ -238,6 +244,9 @@ def goals(r: dict) -> list[dict]:
 
     p50_c1 = b[1]["latency_ms"]["p50"] / u[1]["latency_ms"]["p50"]
     goal(1, "c=1 p50: batched / unbatched", p50_c1, "<= 1.05", p50_c1 <= 1.05)
+    after = r["after_load_c1"]
+    p50_after = after["batched"]["latency_ms"]["p50"] / after["unbatched"]["latency_ms"]["p50"]
+    goal(1, "c=1 p50 after the loads: batched / unbatched", p50_after, "<= 1.05", p50_after <= 1.05)
     c1_plain = rps[1] / p[1]["throughput_rps"]
     goal(1, "c=1 req/s: batched / plain per-request server", c1_plain, ">= 1", c1_plain >= 1)
     steps = list(zip(CONCURRENCIES, CONCURRENCIES[1:], strict=False))
@@ -296,6 +305,8 @@ def table(r: dict) -> str:
         lines.append(row(f"residual_cnn {variant} {CNN_ROWS} rows c={CNN_BULK_CONCURRENCY}", r[f"{variant}_cnn"]))
     for name, x in r["open_loop"].items():
         lines.append(row(f"multi_input {name.split()[0]} open loop {name.split()[1]} ({x['rate']:.0f} req/s)", x))
+    for variant, x in r["after_load_c1"].items():
+        lines.append(row(f"multi_input {variant} c=1 after the loads", x))
     return "\n".join(lines)
 
 

@@ -1,8 +1,10 @@
 """When queued rows run: a pure function of the queue's state, the model's measured cost and the clock.
 
 The cost model: one model call of k rows takes a + b*k seconds, fitted online to the executor's own timings (one
-moving average per padded size, then a least-squares line through them). The same model answers how long the work
-queued now will take: the admission wait estimate and the back-off hint of a full queue.
+moving average per padded size timed within the last STALE_SECONDS, then a least-squares line through them: sizes
+timed under a past load, when every call looked dearer, leave it). The same model answers how long the work
+queued now will take: the deadline check, the back-off hints of a full queue and of admission control, and the
+cost shown in ModelConfig.
 
 The policy ('cost'), for a model with a free batch slot and n rows queued, arriving at rate r rows/s, one call
 costing a + b*k seconds and each request h seconds of the event loop's CPU (the interpreter both share):
@@ -29,6 +31,9 @@ from dataclasses import dataclass, field
 
 # Weight of the newest timing of a padded size in its moving average.
 TIMING_WEIGHT = 0.1
+# A padded size not timed for this long leaves the fit: sizes a past load used (timed while the process was busy)
+# must not keep a lone caller waiting for company after that load is gone.
+STALE_SECONDS = 1.0
 # The smallest batch size that CostModel.best_size may cap batches at.
 MIN_CAPPED_SIZE = 16
 # Arrivals the arrival rate is measured over, and a pause that starts the measure afresh.
@@ -45,6 +50,7 @@ class CostModel:
     a: float = 0.0
     b: float = 0.0
     by_size: dict[int, float] = field(default_factory=dict)
+    timed_at: dict[int, float] = field(default_factory=dict)  # when each size was last timed (with `now`)
     # Seconds of the event loop's CPU per request (decoding, validating, queueing, answering): the server's
     # Python work that competes with model calls for the interpreter. Measured by the batcher.
     per_request: float = 0.0
@@ -63,7 +69,13 @@ class CostModel:
         best = max(sizes, key=lambda rows: rows / self.by_size[rows])
         return best if best < max(sizes) else largest
 
-    def observe(self, rows: int, seconds: float) -> None:
+    def observe(self, rows: int, seconds: float, now: float | None = None) -> None:
+        """One call of `rows` padded rows took `seconds`. With `now`, sizes last timed more than STALE_SECONDS
+        before it are forgotten first: the model describes the load of the last second, not of any earlier one."""
+        if now is not None:
+            for size in [size for size, at in self.timed_at.items() if now - at > STALE_SECONDS]:
+                del self.by_size[size], self.timed_at[size]
+            self.timed_at[rows] = now
         old = self.by_size.get(rows)
         self.by_size[rows] = seconds if old is None else old + TIMING_WEIGHT * (seconds - old)
         self._fit()

@@ -330,7 +330,7 @@ class Batcher:
                     task.future.set_exception(error)
         else:
             if _resolve(queue, outcome, reason):
-                queue.cost.observe(outcome.padded, time.perf_counter() - started)
+                queue.cost.observe(outcome.padded, time.perf_counter() - started, now=self._clock())
         if queue.tasks:
             self._pump(queue)
 

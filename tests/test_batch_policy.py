@@ -8,7 +8,7 @@ import heapq
 
 import pytest
 
-from server.batch_policy import ArrivalRate, CostModel, Limits, QueueState, decide
+from server.batch_policy import STALE_SECONDS, ArrivalRate, CostModel, Limits, QueueState, decide
 
 LIMITS = Limits(max_batch_size=64, batch_timeout=0.01, slots=2)
 
@@ -69,6 +69,32 @@ def test_a_lone_request_never_waits():
         for rate in (0.0, 0.1 * fastest, 0.5 * fastest, fastest):
             decision = decide(state(1, 7.0, rate), cost, 7.0, Limits(64, 1000.0, 2))
             assert decision.run and decision.reason == "idle", (a, b, h, rate)
+
+
+def test_a_lone_caller_after_a_heavy_load_never_waits():
+    """Under load, calls are timed while the process is busy (and look several times dearer than they are). Once
+    the load is gone, those timings must not make the lone caller that remains wait for company that never comes:
+    sizes not timed for STALE_SECONDS leave the model, which then describes the calls being made now."""
+    cost = CostModel()
+    for i in range(200):  # a second of heavy load: big batches at 4 ms, small ones at 3 ms (a busy process)
+        now = i * 0.005
+        cost.observe(64, 0.004, now=now)
+        cost.observe(16, 0.0035, now=now)
+        cost.observe(1, 0.003, now=now)
+    cost.per_request = 0.0004
+    assert cost.a > 0.0025
+    now = 1.0 + STALE_SECONDS + 0.5  # the load stopped; a lone caller's calls take 0.4 ms each
+    for i in range(30):
+        cost.observe(1, 0.0004, now=now + i * 0.001)
+    assert set(cost.by_size) == {1} and cost.a == pytest.approx(0.0004, rel=0.1)
+    lone_rate = 1 / (0.0004 + cost.per_request)  # its next request comes only after its answer
+    decision = decide(state(1, now, lone_rate), cost, now, LIMITS)
+    assert decision.run and decision.reason == "idle"
+    without_forgetting = CostModel()  # the same timings without a clock: the load's sizes stay in the fit
+    for size, seconds in ((64, 0.004), (16, 0.0035), (1, 0.0004)):
+        without_forgetting.observe(size, seconds)
+    without_forgetting.per_request = cost.per_request
+    assert not decide(state(1, now, lone_rate), without_forgetting, now, LIMITS).run  # the tax this prevents
 
 
 def test_waiting_only_while_the_rows_expected_within_one_call_outnumber_those_queued():
