@@ -38,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from bench.run import load, log, machine  # noqa: E402
 from modelserver.v1 import modelserver_pb2 as pb  # noqa: E402
 from tests.helpers.deploy_native import NGINX_CONFIG, NginxProcess  # noqa: E402
-from tests.helpers.server import ServerProcess, scrape  # noqa: E402
+from tests.helpers.server import ServerProcess, scrape, serving  # noqa: E402
 
 MODEL = "multi_input"
 REQUEST = pb.PredictMultiInputRequest(input_a=[0.25] * 10, input_b=[0.5] * 20)
@@ -204,17 +204,15 @@ def _brief(run: dict) -> str:
 def _target(variant: str, repository: Path, workdir: Path) -> Iterator[tuple[ServerProcess, str, NginxProcess | None]]:
     """The server of `variant`, the address its load goes to (nginx's, or the server's own), and nginx."""
     server_args, through_nginx = VARIANTS[variant]
-    server = ServerProcess(repository, server_args)
-    nginx = None
-    try:
-        server.wait_serving()
-        if through_nginx:
-            nginx = NginxProcess(workdir, [server.target])
-        yield server, nginx.target if nginx else server.target, nginx
-    finally:
-        if nginx is not None:
+    with serving(repository, server_args) as server:
+        if not through_nginx:
+            yield server, server.target, None
+            return
+        nginx = NginxProcess(workdir, [server.target])
+        try:
+            yield server, nginx.target, nginx
+        finally:
             nginx.stop()
-        server.kill()
 
 
 CAP_LINE = re.compile(r"limit_conn modelserver_calls (\d+);")

@@ -23,7 +23,7 @@ from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 from tests.helpers.models import keras_outputs, random_inputs
 from tests.helpers.scrape import Metrics, wait_until
-from tests.helpers.server import ServerProcess
+from tests.helpers.server import ServerProcess, serving
 
 UNMET = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")  # codes of a request whose deadline cannot be met
 HELD_SECONDS = 3.0  # how long the test holds one CNN call, so that the server measures a call that long
@@ -36,12 +36,8 @@ ARGS = [
 
 @pytest.fixture(scope="module")
 def busy_server(model_repository: Path) -> Iterator[ServerProcess]:
-    process = ServerProcess(model_repository, ARGS, holds=True)
-    try:
-        process.wait_serving()
+    with serving(model_repository, ARGS, holds=True) as process:
         yield process
-    finally:
-        process.kill()
 
 
 @pytest.fixture(scope="module")

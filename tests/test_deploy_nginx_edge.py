@@ -23,7 +23,7 @@ from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 from tests.helpers.deploy_native import NGINX_CONFIG, NginxProcess, free_port, wait_until
 from tests.helpers.models import keras_outputs, random_inputs
-from tests.helpers.server import ServerProcess
+from tests.helpers.server import ServerProcess, serving
 
 CAP = int(re.search(r"limit_conn modelserver_calls (\d+);", NGINX_CONFIG.read_text()).group(1))
 EXTRA = 8
@@ -31,12 +31,8 @@ EXTRA = 8
 
 @pytest.fixture
 def held_server(model_repository: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(model_repository, holds=True)
-    try:
-        server.wait_serving()
+    with serving(model_repository, holds=True) as server:
         yield server
-    finally:
-        server.kill()
 
 
 def test_calls_over_the_cap_get_resource_exhausted_from_nginx_and_never_reach_the_server(

@@ -28,7 +28,7 @@ from tensorflow_serving.apis import (
 
 from clients.client import ModelServerClient
 from modelserver.v1 import modelserver_pb2, modelserver_pb2_grpc
-from tests.helpers.server import REPO_ROOT, ServerProcess
+from tests.helpers.server import REPO_ROOT, serving
 
 BATCH = 3  # multi_input's max_batch_size here: one request per protocol fills a batch
 
@@ -62,12 +62,8 @@ def repo_server(server, model_repository, tmp_path_factory, user_model):
     broken.mkdir(parents=True)
     (broken / "saved_model.pb").write_bytes(b"this is not a SavedModel")
     batching = f"multi_input:policy=fixed,batch_timeout=20,max_batch_size={BATCH}"
-    process = ServerProcess(repository, ["--model-batching", batching])
-    try:
-        process.wait_serving()
+    with serving(repository, ["--model-batching", batching]) as process:
         yield process
-    finally:
-        process.kill()
 
 
 def _user_inputs(rows: int) -> dict[str, np.ndarray]:

@@ -36,7 +36,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
 from server.runtime import load_failure
-from tests.helpers.server import ServerProcess
+from tests.helpers.server import serving
 
 SIMPLE_INT_TYPES = [("simple", "INT32", np.int32), ("simple_int8", "INT8", np.int8)]
 
@@ -110,12 +110,8 @@ def stock_repository(server, model_repository, tmp_path_factory, stock_models):
 def stock_server(stock_repository):
     # densenet_like would batch 2 rows, waiting up to 20 s for them, if it were batched at all.
     batching = "densenet_like:policy=fixed,batch_timeout=20,max_batch_size=2"
-    process = ServerProcess(stock_repository, ["--model-batching", batching])
-    try:
-        process.wait_serving()
+    with serving(stock_repository, ["--model-batching", batching]) as process:
         yield process
-    finally:
-        process.kill()
 
 
 @pytest.fixture(scope="module")

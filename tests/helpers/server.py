@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -193,3 +194,15 @@ class ServerProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+@contextmanager
+def serving(repository: Path, args: Sequence[str] = (), **options: Any) -> Iterator[ServerProcess]:
+    """A server started and SERVING for the body of a `with` block (ServerProcess's `options`: holds, held, env),
+    killed after it, whatever happens."""
+    server = ServerProcess(repository, args, **options)
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        server.kill()
