@@ -74,7 +74,8 @@ class CostModel:
         before it are forgotten first: the model describes the load of the last second, not of any earlier one."""
         if now is not None:
             for size in [size for size, at in self.timed_at.items() if now - at > STALE_SECONDS]:
-                del self.by_size[size], self.timed_at[size]
+                del self.timed_at[size]
+                self.by_size.pop(size, None)  # already gone where a caller cleared the timings
             self.timed_at[rows] = now
         old = self.by_size.get(rows)
         self.by_size[rows] = seconds if old is None else old + TIMING_WEIGHT * (seconds - old)

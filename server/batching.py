@@ -175,12 +175,11 @@ class Batcher:
         """What one more 1-row call costs the server now, from the cost models: its share of a full batch (what
         runs under overload) plus its request work, for the costliest model measured (None before any call was
         timed). Admission control's back-off hint (server/admission.py)."""
-        costs = [
-            queue.cost.seconds(size) / size + queue.cost.per_request
-            for queue in self._queues.values()
-            if queue.cost.by_size
-            for size in [queue.cost.best_size(queue.limits.max_batch_size) if queue.joinable else 1]
-        ]
+        costs = []
+        for queue in self._queues.values():
+            if queue.cost.by_size:
+                size = queue.cost.best_size(queue.limits.max_batch_size) if queue.joinable else 1
+                costs.append(queue.cost.seconds(size) / size + queue.cost.per_request)
         return max(costs, default=None)
 
     def cost_model(self, runtime: ModelRuntime) -> CostModel | None:
