@@ -32,10 +32,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import grpc  # noqa: E402
-import numpy as np  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from bench.run import load, log, machine  # noqa: E402
+from clients.loadtest import percentiles_ms  # noqa: E402
 from modelserver.v1 import modelserver_pb2 as pb  # noqa: E402
 from tests.helpers.deploy_native import NGINX_CONFIG, NginxProcess  # noqa: E402
 from tests.helpers.server import ServerProcess, scrape, serving  # noqa: E402
@@ -122,16 +122,10 @@ def _nginx_times(nginx: NginxProcess, offset: int) -> dict[str, dict[str, float 
     with (nginx.workdir / "access.log").open() as log:
         log.seek(offset)
         lines = log.read().splitlines()
-    times: dict[str, list[float]] = {"refused": [], "proxied": []}
+    seconds: dict[str, list[float]] = {"refused": [], "proxied": []}
     for match in filter(None, map(ACCESS_TIME.search, lines)):
-        times["refused" if match.group(1) == "-" else "proxied"].append(float(match.group(2)) * 1000)
-    return {kind: _p50_p99(values) for kind, values in times.items()}
-
-
-def _p50_p99(ms: list[float]) -> dict[str, float | None]:
-    if not ms:
-        return {"p50": None, "p99": None, "count": 0}
-    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "count": len(ms)}
+        seconds["refused" if match.group(1) == "-" else "proxied"].append(float(match.group(2)))
+    return {kind: {**percentiles_ms(values), "count": len(values)} for kind, values in seconds.items()}
 
 
 def overload_run(

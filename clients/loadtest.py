@@ -313,7 +313,8 @@ async def run_loadtest(cfg: LoadTestConfig) -> LoadTestResult:
     return _result(cfg, stats, elapsed)
 
 
-def _percentiles(seconds: list[float]) -> dict[str, float | None]:
+def percentiles_ms(seconds: list[float]) -> dict[str, float | None]:
+    """p50, p90, p99, max and mean of durations in seconds, in milliseconds (all None when there are none)."""
     keys = ("p50", "p90", "p99", "max", "mean")
     if not seconds:
         return dict.fromkeys(keys)
@@ -335,11 +336,11 @@ def _result(cfg: LoadTestConfig, stats: _Stats, elapsed: float) -> LoadTestResul
         duration_s=elapsed,
         throughput_rps=ok / elapsed if elapsed > 0 else 0.0,
         rows_per_s=ok * cfg.rows_per_request / elapsed if elapsed > 0 else 0.0,
-        latency_ms=_percentiles(stats.latencies),
-        error_latency_ms=_percentiles([s for latencies in stats.error_latencies.values() for s in latencies]),
-        error_latency_ms_by_code={code: _percentiles(s) for code, s in sorted(stats.error_latencies.items())},
-        send_lag_ms=_percentiles(stats.send_lag),
-        latency_from_send_ms_by_code={code: _percentiles(s) for code, s in sorted(stats.from_send.items())},
+        latency_ms=percentiles_ms(stats.latencies),
+        error_latency_ms=percentiles_ms([s for latencies in stats.error_latencies.values() for s in latencies]),
+        error_latency_ms_by_code={code: percentiles_ms(s) for code, s in sorted(stats.error_latencies.items())},
+        send_lag_ms=percentiles_ms(stats.send_lag),
+        latency_from_send_ms_by_code={code: percentiles_ms(s) for code, s in sorted(stats.from_send.items())},
         target=cfg.target,
         version=cfg.version,
         warmup_s=cfg.warmup,
