@@ -142,7 +142,9 @@ def test_sigterm_under_load_drains_every_worker_and_exits_zero(workers):
     assert workers.process.wait(60) == 0, workers.log_text()
     before = {(code, n) for (when, code), n in outcomes.items() if when == "before"}
     assert before == {("OK", CALLERS)}, outcomes
-    assert {code for when, code in outcomes if when == "after"} <= {"OK", "UNAVAILABLE"}, outcomes
+    # After the signal, a caller's call can also meet a sibling worker closing its listener and be cancelled by
+    # gRPC itself (README, "Health and shutdown"; about one run in eight): never a call sent before the signal.
+    assert {code for when, code in outcomes if when == "after"} <= {"OK", "UNAVAILABLE", "CANCELLED"}, outcomes
     _wait_gone(pids)
 
 

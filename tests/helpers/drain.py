@@ -48,9 +48,10 @@ async def drain_round(
     for accepted work while it already refuses new work. Without holds (a benchmark), the callers run for a
     second before the signal, and what counts as "before" depends on when each call reached the server.
 
-    `stop_when_refused`: a caller stops at its first UNAVAILABLE after the signal, as one that goes elsewhere
-    would. With --workers, a caller that keeps sending reconnects to a sibling worker that may be closing its
-    listener at that instant, and gRPC cancels a call sent in that instant (README, Health and shutdown)."""
+    `stop_when_refused`: a caller stops at its first UNAVAILABLE or CANCELLED after the signal, as one that goes
+    elsewhere would. With --workers, a caller that keeps sending reconnects to a sibling worker that may be
+    closing its listener at that instant, and gRPC cancels a call sent in that instant (README, Health and
+    shutdown)."""
     outcomes: Outcomes = collections.Counter()
     wrong: list[float] = []
     signalled: float | None = None
@@ -77,7 +78,8 @@ async def drain_round(
                 record(when, error.code().name, None)
                 if server.process.poll() is not None:
                     return
-                if stop_when_refused and when == "after" and error.code() == grpc.StatusCode.UNAVAILABLE:
+                refused_here = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                if stop_when_refused and when == "after" and refused_here:
                     return
 
     async def probe(predict: grpc.aio.UnaryUnaryMultiCallable) -> None:
