@@ -14,7 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 from prometheus_client import REGISTRY
@@ -25,7 +25,9 @@ from server.batching_config import BatchingConfig
 from server.errors import InvalidInputError, OverloadedError, UnavailableError
 from server.manager import ACCEPTING, ModelManager, Phase, State, Version
 from server.runtime import ModelRuntime
-from server.tensors import TensorSpec, check_finite_outputs, rows_from_flat, validate_inputs
+from server.tensors import InputLimits, TensorSpec, check_finite_outputs, rows_from_flat, validate_inputs
+
+T = TypeVar("T")
 
 
 class Runner(Protocol):
@@ -146,6 +148,17 @@ class InferenceService:
         runtime = self.manager.resolve(name, version).runtime
         assert runtime is not None
         return runtime
+
+    def decode(self, runtime: ModelRuntime, decode: Callable[[InputLimits], T]) -> T:
+        """A protocol's decoding of a request's tensors, given what one request may declare for this version (rows,
+        elements, rank): the codecs check declared shapes against it before decoding, so a request of a few bytes
+        cannot make the server allocate or broadcast. A refusal is counted as invalid, as validation's are."""
+        limits = InputLimits(runtime.inputs, self._batching_for(runtime.name).max_queued_rows, runtime.batched)
+        try:
+            return decode(limits)
+        except InvalidInputError:
+            metrics.REJECTED.labels(runtime.name, "invalid").inc()
+            raise
 
     def is_ready(self, name: str, version: int = 0) -> bool:
         """Whether the model (and version, 0 = latest) answers requests now: available, and the server ready."""

@@ -82,6 +82,10 @@ class Model:
     policy: VersionPolicy
     builtin: bool = False
     unloaded: bool = False  # by RepositoryModelUnload: nothing aspired until a RepositoryModelLoad
+    load_requests: int = 0  # RepositoryModelLoads waiting for their sync
+    on_disk: tuple[int, ...] = ()  # version folders the last complete listing of this model found
+    aspired: tuple[int, ...] = ()  # what its version policy asked for of those
+    absent: int = 0  # complete listings in a row without its folder: at 2 it is gone
     versions: dict[int, Version] = field(default_factory=dict)
 
     def latest(self) -> Version | None:
@@ -94,6 +98,8 @@ class Model:
 
 
 Loader = Callable[[repository.ModelVersion], ModelRuntime]
+ABSENT_LISTINGS_TO_RETIRE = 2  # complete listings in a row without a model's folder before it is gone
+INITIAL_SCAN_RETRIES = 5  # start-up lists the repository again while part of it changed under the scan
 
 
 class ModelManager:
@@ -118,7 +124,7 @@ class ModelManager:
         self._seen: dict[tuple[str, int], str] = {}  # fingerprint of each version folder at the previous scan
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._sync_lock = asyncio.Lock()
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # retirements and notifications: referenced until done
         self.phase = Phase.STARTING
         self.changed = asyncio.Condition()  # notified on every change of phase or state (health Watch)
 
@@ -172,12 +178,30 @@ class ModelManager:
         if latest is not None:
             return ("available" if self.phase in (Phase.STARTING, Phase.SERVING) else "unloading"), ""
         live = model.live()
-        if any(v.state in (State.START, State.LOADING) for v in live) or (self.phase is Phase.STARTING and not live):
+        if (
+            model.load_requests
+            or any(v.state in (State.START, State.LOADING) for v in live)
+            or (self.phase is Phase.STARTING and not live)
+        ):
             return "loading", ""
         failed = [v for v in live if v.state is State.FAILED]
         if failed:
             return "failed", failed[-1].error
-        return "unavailable", "unloaded" if model.unloaded else "no version on disk"
+        return "unavailable", self._why_none_serves(model)
+
+    @staticmethod
+    def _why_none_serves(model: Model) -> str:
+        """The true reason a model has no available version, for callers and RepositoryIndex."""
+        if model.unloaded:
+            return "unloaded by request (RepositoryModelLoad serves it again)"
+        if any(v.state is State.UNLOADING for v in model.versions.values()):
+            return "its versions are retiring"
+        if not model.on_disk:
+            return "no version on disk"
+        on_disk = ", ".join(map(str, model.on_disk))
+        if not model.aspired:
+            return f"no version on disk is one its version policy serves (on disk: {on_disk})"
+        return f"version {max(model.aspired)} is on disk and loads once its files stop changing"
 
     def resolve(self, name: str, version: int = 0) -> Version:
         """The available version that serves a request (0 = latest), or the error that tells the caller why none
@@ -240,31 +264,53 @@ class ModelManager:
         time). `initial`: the start-up load, which takes every complete version at once and raises if a
         built-in model fails. `only`: one model (RepositoryModelLoad)."""
         async with self._sync_lock:
-            loop = asyncio.get_running_loop()
-            found = await loop.run_in_executor(self._loader, repository.scan, self._repository)
-            names = sorted({*found, *self._models}) if only is None else [only]
+            listing = await self._scan(retries=INITIAL_SCAN_RETRIES if initial else 0)
+            if not listing.complete:
+                return  # the repository itself could not be listed: no news, everything keeps serving
+            names = sorted({*listing.models, *self._models}) if only is None else [only]
             for name in names:
+                if name in listing.unreadable:
+                    continue  # its folder changed while we read it: no news, never "no versions"
                 try:
-                    await self._sync_model(name, found.get(name, []), initial)
+                    await self._sync_model(name, listing, initial)
                 except Exception:
                     if initial and name in self._builtin:
                         raise
                     log.exception("syncing model %s failed; the other models go on", name)
-            for name in names:  # what this scan saw, to tell next time whether a folder is still changing
+                # What this scan saw, to tell next time whether a folder is still changing.
                 self._seen = {key: value for key, value in self._seen.items() if key[0] != name}
-                self._seen.update({(name, v.version): v.fingerprint for v in found.get(name, [])})
+                self._seen.update({(name, v.version): v.fingerprint for v in listing.models.get(name, [])})
 
-    async def _sync_model(self, name: str, on_disk: list[repository.ModelVersion], initial: bool) -> None:
+    async def _scan(self, retries: int) -> repository.Listing:
+        """One listing of the repository (off the event loop); at start-up, listed again while any of it changed
+        under us, so that a built-in model is not skipped for a moment's noise."""
+        loop = asyncio.get_running_loop()
+        listing = await loop.run_in_executor(self._loader, repository.scan, self._repository)
+        for _ in range(retries):
+            if listing.complete and not listing.unreadable:
+                break
+            await asyncio.sleep(0.1)
+            listing = await loop.run_in_executor(self._loader, repository.scan, self._repository)
+        return listing
+
+    async def _sync_model(self, name: str, listing: repository.Listing, initial: bool) -> None:
+        on_disk = listing.models.get(name, [])
         model = self._models.get(name)
         if model is None:
             if not on_disk:
                 return
             model = self._models[name] = Model(name, self._policy_for(name), builtin=name in self._builtin)
+        # Gone only when its folder is absent from two complete listings in a row: one listing is not enough
+        # to take a model's last version away.
+        model.absent = 0 if name in listing.folders else model.absent + 1
+        gone = model.absent >= ABSENT_LISTINGS_TO_RETIRE
+        model.on_disk = tuple(v.version for v in on_disk)
         # Complete: a manifest (checked when loading), or files unchanged since the previous scan.
         complete = [
             v for v in on_disk if initial or v.has_manifest or self._seen.get((name, v.version)) == v.fingerprint
         ]
         aspired = set() if model.unloaded else model.policy.aspired([v.version for v in complete])
+        model.aspired = tuple(sorted(aspired))
         for candidate in sorted((v for v in complete if v.version in aspired), key=lambda v: -v.version):
             entry = model.versions.get(candidate.version)
             if entry is not None and entry.state in (State.LOADING, State.AVAILABLE, State.UNLOADING):
@@ -277,13 +323,21 @@ class ModelManager:
         serving = [v for v in aspired if v in model.versions and model.versions[v].state is State.AVAILABLE]
         if aspired and not serving:
             return
+        if not aspired and not model.unloaded and not gone:
+            # Nothing on disk to serve, yet the model's folder is there (or was, one listing ago): its last versions
+            # keep serving (TF Serving refuses to unload all versions too). Only failed ones are let go.
+            for entry in list(model.versions.values()):
+                if entry.state is State.FAILED and entry.number not in model.on_disk:
+                    entry.state = State.END
+                    self._publish()
+            return
         for entry in list(model.versions.values()):
             if entry.state is State.AVAILABLE and entry.number not in aspired:
                 self._retire(entry)
             elif entry.state is State.FAILED and entry.number not in aspired:
                 entry.state = State.END
                 self._publish()
-        if not on_disk and not model.unloaded and all(v.state is State.END for v in model.versions.values()):
+        if gone and not model.unloaded and all(v.state is State.END for v in model.versions.values()):
             del self._models[name]  # its folder is gone and so is every version: the model is no more
             self._publish()
 
@@ -315,9 +369,12 @@ class ModelManager:
     def _retire(self, entry: Version) -> None:
         entry.state = State.UNLOADING
         self._publish()
-        task = asyncio.get_running_loop().create_task(self._finish_retiring(entry))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._keep(asyncio.get_running_loop().create_task(self._finish_retiring(entry)))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        """Hold a reference until the task ends: the event loop keeps only a weak one."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _finish_retiring(self, entry: Version) -> None:
         """Wait until no request holds the version, end its batcher queue, and let its memory go."""
@@ -347,15 +404,26 @@ class ModelManager:
 
     async def load_model(self, name: str) -> None:
         """RepositoryModelLoad: (re)load the model's aspired versions from the repository now."""
-        if name in self._models:
-            self._models[name].unloaded = False
+        model = self._models.get(name)
+        if model is not None:
+            model.unloaded = False
         # Shielded: a caller that gives up must not leave a version half-loaded (LOADING for ever).
-        await asyncio.shield(self.sync(only=name))
+        await asyncio.shield(self._sync_requested(model, name))
         if name not in self._models:
             raise ModelNotFoundError(f"no model {quoted(name)} in the repository")
         if self._models[name].latest() is None:
             state, error = self.state_of(name)
             raise UnavailableError(f"model '{name}' did not load: {error or state}")
+
+    async def _sync_requested(self, model: Model | None, name: str) -> None:
+        """Sync one model; until then it reads as "loading", not as what the last sync left."""
+        if model is not None:
+            model.load_requests += 1
+        try:
+            await self.sync(only=name)
+        finally:
+            if model is not None:
+                model.load_requests -= 1
 
     async def unload_model(self, name: str) -> None:
         """RepositoryModelUnload: retire every version; polling leaves it unloaded until a RepositoryModelLoad."""
@@ -377,7 +445,7 @@ class ModelManager:
                               seconds)  # fmt: skip
 
     async def close(self) -> None:
-        for task in list(self._retiring):
+        for task in list(self._tasks):
             task.cancel()
         self._loader.shutdown(wait=False, cancel_futures=True)
 
@@ -395,7 +463,7 @@ class ModelManager:
                     continue
                 ready = entry.state is State.AVAILABLE and self.phase is Phase.SERVING
                 metrics.MODEL_READY.labels(*labels).set(1 if ready else 0)
-        asyncio.get_running_loop().create_task(self._notify())
+        self._keep(asyncio.get_running_loop().create_task(self._notify()))
 
     async def _notify(self) -> None:
         async with self.changed:

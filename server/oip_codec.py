@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from server.errors import InvalidInputError, quoted, quoted_list
-from server.tensors import TensorSpec
+from server.tensors import InputLimits, TensorSpec, declared_elements, shape_text
 
 # The protocol's datatypes, and the numpy dtype each one is (little-endian on the wire).
 DATATYPES: dict[str, np.dtype] = {
@@ -115,15 +115,6 @@ def timeout_seconds(request: pb.ModelInferRequest) -> float | None:
     return value / 1e6 if value else None
 
 
-def _expected_elements(model: str, tensor: pb.ModelInferRequest.InferInputTensor) -> int:
-    if any(d < 0 for d in tensor.shape):
-        raise InvalidInputError(
-            f"model '{model}' input {quoted(tensor.name)} has shape {list(tensor.shape)[:16]}: "
-            "expected non-negative dimensions (the rows first)"
-        )
-    return int(np.prod(tensor.shape, dtype=np.int64))
-
-
 def deserialize_bytes(model: str, name: str, raw: bytes) -> np.ndarray:
     """BYTES raw contents: each element a 4-byte little-endian length followed by that many bytes."""
     items, offset, view = [], 0, memoryview(raw)
@@ -152,26 +143,36 @@ def serialize_bytes(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _from_raw(model: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype, raw: bytes) -> np.ndarray:
-    count = _expected_elements(model, tensor)
+def _from_raw(
+    model: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype, raw: bytes, count: int
+) -> np.ndarray:
+    """`count`: the elements of the declared shape, already checked against the limits (declared_elements)."""
     name = quoted(tensor.name)
     if tensor.datatype == "BYTES":
+        if count > len(raw) // 4:  # each element has a 4-byte length: no need to read on
+            raise InvalidInputError(
+                f"model '{model}' input {name} has shape {shape_text(tensor.shape)} ({count} elements), "
+                f"got {len(raw)} bytes of BYTES raw contents: at least 4 per element"
+            )
         array = deserialize_bytes(model, name, raw)
         if array.size != count:
             raise InvalidInputError(
-                f"model '{model}' input {name} has shape {list(tensor.shape)} ({count} elements), "
+                f"model '{model}' input {name} has shape {shape_text(tensor.shape)} ({count} elements), "
                 f"got {array.size} BYTES elements"
             )
         return array.reshape(tuple(tensor.shape))
     if len(raw) != count * dtype.itemsize:
         raise InvalidInputError(
-            f"model '{model}' input {name} of shape {list(tensor.shape)} and datatype {tensor.datatype} needs "
+            f"model '{model}' input {name} of shape {shape_text(tensor.shape)} and datatype {tensor.datatype} needs "
             f"{count * dtype.itemsize} bytes of raw contents ({count} x {dtype.itemsize}), got {len(raw)}"
         )
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(tuple(tensor.shape))
 
 
-def _from_contents(model: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype) -> np.ndarray:
+def _from_contents(
+    model: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype, count: int
+) -> np.ndarray:
+    """`count`: the elements of the declared shape, already checked against the limits (declared_elements)."""
     name = quoted(tensor.name)
     field = _FIELDS.get(tensor.datatype)
     if field is None:
@@ -186,10 +187,9 @@ def _from_contents(model: str, tensor: pb.ModelInferRequest.InferInputTensor, dt
             f"got {', '.join('contents.' + f for f in used)}"
         )
     values = getattr(tensor.contents, field)
-    count = _expected_elements(model, tensor)
     if len(values) != count:
         raise InvalidInputError(
-            f"model '{model}' input {name} has shape {list(tensor.shape)} ({count} elements), "
+            f"model '{model}' input {name} has shape {shape_text(tensor.shape)} ({count} elements), "
             f"got {len(values)} values in contents.{field}"
         )
     if tensor.datatype == "BYTES":
@@ -209,9 +209,12 @@ def _from_contents(model: str, tensor: pb.ModelInferRequest.InferInputTensor, dt
     return array.reshape(tuple(tensor.shape))
 
 
-def decode_inputs(model: str, request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+def decode_inputs(
+    model: str, request: pb.ModelInferRequest, limits: InputLimits | None = None
+) -> dict[str, np.ndarray]:
     """The request's input tensors as numpy arrays (rows first), checked against the request's own shapes;
-    the core then checks them against the model's signature."""
+    the core then checks them against the model's signature. Every declared shape is checked against the
+    model's `limits` (rank, rows, elements) before any tensor is decoded."""
     raw = request.raw_input_contents
     typed = next((t for t in request.inputs if t.HasField("contents")), None)
     if raw and typed is not None:
@@ -225,6 +228,7 @@ def decode_inputs(model: str, request: pb.ModelInferRequest) -> dict[str, np.nda
             f"model '{model}': raw_input_contents must hold one entry per input ({len(request.inputs)}), "
             f"got {len(raw)}; send every input raw or every input typed"
         )
+    counts = [declared_elements(model, tensor.name, tensor.shape, limits) for tensor in request.inputs]
     arrays: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(request.inputs):
         name = quoted(tensor.name)
@@ -238,9 +242,9 @@ def decode_inputs(model: str, request: pb.ModelInferRequest) -> dict[str, np.nda
                 f"expected one of {', '.join(DATATYPES)}"
             )
         if raw:
-            arrays[tensor.name] = _from_raw(model, tensor, dtype, raw[index])
+            arrays[tensor.name] = _from_raw(model, tensor, dtype, raw[index], counts[index])
         else:
-            arrays[tensor.name] = _from_contents(model, tensor, dtype)
+            arrays[tensor.name] = _from_contents(model, tensor, dtype, counts[index])
     return arrays
 
 

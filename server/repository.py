@@ -18,10 +18,11 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,15 +56,26 @@ class ModelVersion:
 
 def fingerprint(version_dir: Path) -> str:
     """A cheap summary of a folder's files (relative name, size, modification time): equal in two scans a poll
-    apart only when nothing was written in between."""
+    apart only when nothing was written in between. Raises OSError when the folder cannot be read completely (a
+    file or folder removed while we looked): a partial walk is no summary at all."""
     digest = hashlib.sha256()
-    for path in sorted(version_dir.rglob("*")):
+    entries: list[tuple[str, os.stat_result]] = []
+
+    def fail(error: OSError) -> None:
+        raise error
+
+    def stat(path: Path) -> os.stat_result:
         try:
-            stat = path.stat()
-        except OSError:  # removed while we looked: the folder is changing
-            digest.update(b"gone")
-            continue
-        digest.update(f"{path.relative_to(version_dir)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            return path.stat()
+        except FileNotFoundError:
+            return path.lstat()  # a link to nothing is what it is; a file that is gone raises here
+
+    for folder, _, files in os.walk(version_dir, onerror=fail):
+        base = Path(folder)
+        entries.append((str(base.relative_to(version_dir)), stat(base)))
+        entries.extend((str((base / name).relative_to(version_dir)), stat(base / name)) for name in files)
+    for name, stat in sorted(entries):
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -221,35 +233,61 @@ def _ensure_exported_locked(
     return True
 
 
-def scan(repository: Path) -> dict[str, list[ModelVersion]]:
+@dataclass(frozen=True)
+class Listing:
+    """One scan of the repository, and how far it can be trusted.
+
+    A folder that changes while it is read (a version deleted or renamed mid-walk, a permission change, an NFS
+    hiccup) raises OSError part-way. Such a model is `unreadable`: its listing is no news, never "no versions",
+    so the manager keeps what it serves. `complete` is False when the repository's own folder could not be
+    listed: then nothing at all can be concluded."""
+
+    models: dict[str, list[ModelVersion]] = field(default_factory=dict)  # versions ascending, by model name
+    folders: frozenset[str] = frozenset()  # every model folder seen, with or without versions
+    unreadable: frozenset[str] = frozenset()
+    complete: bool = True
+
+
+def _versions(model_dir: Path) -> list[ModelVersion]:
+    """The model's version folders that hold a model, ascending; raises OSError when the folder changed under us."""
+    versions = []
+    for version_dir in model_dir.iterdir():
+        if not (version_dir.name.isdigit() and int(version_dir.name) > 0 and version_dir.is_dir()):
+            continue
+        if (version_dir / SAVED_MODEL_FILE).is_file() or (version_dir / KERAS_FILE).is_file():
+            versions.append(ModelVersion(model_dir.name, int(version_dir.name), version_dir, fingerprint(version_dir)))
+    return sorted(versions, key=lambda v: v.version)
+
+
+def scan(repository: Path) -> Listing:
     """Every version folder of the repository that holds a model (a SavedModel or a model.keras file), by model
-    name, versions ascending, each with its fingerprint. Hidden folders (staging, damaged copies, a copy in
-    progress that will be renamed into place) are skipped. Whether a version is complete is decided by its
-    loader: a manifest must match, and a folder without one must have stopped changing (server/manager.py)."""
+    name, each with its fingerprint. Hidden folders (staging, damaged copies, a copy in progress that will be
+    renamed into place) are skipped. Whether a version is complete is decided by its loader: a manifest must
+    match, and a folder without one must have stopped changing (server/manager.py)."""
+    try:
+        model_dirs = sorted(p for p in repository.iterdir() if not p.name.startswith(".") and p.is_dir())
+    except OSError as error:  # absent (an unmounted volume?) or unreadable: no news about any model
+        log.warning("cannot list the model repository %s: %s", repository, error)
+        return Listing(complete=False)
     found: dict[str, list[ModelVersion]] = {}
-    if not repository.is_dir():
-        return found
-    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = []
+    unreadable = set()
+    for model_dir in model_dirs:
         try:
-            for version_dir in model_dir.iterdir():
-                if not (version_dir.is_dir() and version_dir.name.isdigit() and int(version_dir.name) > 0):
-                    continue
-                if (version_dir / SAVED_MODEL_FILE).is_file() or (version_dir / KERAS_FILE).is_file():
-                    versions.append(ModelVersion(model_dir.name, int(version_dir.name), version_dir,
-                                                 fingerprint(version_dir)))  # fmt: skip
-        except OSError as error:  # removed or renamed while we looked: the next scan sees what it became
-            log.info("repository scan of %s: %s", model_dir, error)
+            versions = _versions(model_dir)
+        except OSError as error:  # changed while we looked: the next scan sees what it became
+            log.info("repository scan of %s is incomplete (%s); keeping what it serves", model_dir, error)
+            unreadable.add(model_dir.name)
+            continue
         if versions:
-            found[model_dir.name] = sorted(versions, key=lambda v: v.version)
-    return found
+            found[model_dir.name] = versions
+    return Listing(found, frozenset(p.name for p in model_dirs), frozenset(unreadable))
 
 
 def discover(repository: Path) -> dict[str, list[ModelVersion]]:
     """Every loadable SavedModel version in the repository, by model name, versions ascending: `scan`, less a
     version whose manifest says it is incomplete and `.keras` versions."""
     found: dict[str, list[ModelVersion]] = {}
-    for name, versions in scan(repository).items():
+    for name, versions in scan(repository).models.items():
         loadable = []
         for version in versions:
             if version.format != "savedmodel":
@@ -260,18 +298,4 @@ def discover(repository: Path) -> dict[str, list[ModelVersion]]:
             loadable.append(version)
         if loadable:
             found[name] = loadable
-    return found
-    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = []
-        for version_dir in model_dir.iterdir():
-            if not (version_dir.is_dir() and version_dir.name.isdigit()):
-                continue
-            if not (version_dir / SAVED_MODEL_FILE).is_file():
-                continue
-            if (version_dir / MANIFEST).exists() and not is_intact(version_dir):
-                log.error("skipping %s: its files do not match its manifest", version_dir)
-                continue
-            versions.append(ModelVersion(model_dir.name, int(version_dir.name), version_dir))
-        if versions:
-            found[model_dir.name] = sorted(versions, key=lambda v: v.version)
     return found

@@ -4,7 +4,7 @@ so a bad request fails alone with a message that says what was expected and what
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +29,84 @@ class TensorSpec:
     def describe(self) -> str:
         dims = ", ".join(["rows", *("?" if d is None else str(d) for d in self.shape)])
         return f"{self.dtype.name} of shape ({dims})"
+
+
+# Dimensions a request's tensor may declare. numpy 1.x arrays have at most 32 (NPY_MAXDIMS; numpy 2 allows 64,
+# TensorFlow 254), so every accepted shape is an array under either numpy; models use 2 to 6 (an image batch is 4).
+MAX_RANK = 32
+# Elements at most that TF Serving's "one value fills the tensor" rule may fill where the model's per-row size is
+# not fixed (or not known): what a 16 MiB message (the default --max-receive-message-bytes) could carry at one byte
+# per value. Where the per-row size is fixed, the model's own bound (rows x per-row size) is far tighter.
+MAX_FILL_ELEMENTS = 16 * 1024 * 1024
+_SHOWN_DIMS = 8  # dimensions of a declared shape shown in a message: the status trailer must stay short
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What one request may declare for a model version: a declared shape costs a few bytes to send ([2**62, 4],
+    10,000 dimensions, one value "filling" a billion), so it is checked against these before anything is decoded,
+    allocated or broadcast. `max_rows` is the batcher's rows per request (--max-queued-rows)."""
+
+    specs: Mapping[str, TensorSpec]
+    max_rows: int
+    batched: bool = True
+
+    def max_elements(self, name: str) -> int | None:
+        """Elements at most of input `name` in one request, None where the model does not fix its size."""
+        spec = self.specs.get(name)
+        per_row = None if spec is None else spec.values_per_row
+        if per_row is None:
+            return None
+        return self.max_rows * per_row if self.batched else per_row
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """A declared shape for a message, cut after a few dimensions (a request may declare thousands)."""
+    if len(shape) <= _SHOWN_DIMS:
+        return str(list(shape))
+    head = ", ".join(str(d) for d in shape[: _SHOWN_DIMS - 1])
+    return f"[{head}, ..., {shape[-1]}] ({len(shape)} dimensions)"
+
+
+def declared_elements(model: str, name: str, shape: Sequence[int], limits: InputLimits | None = None) -> int:
+    """The element count of input `name`'s declared shape, as an exact Python integer (a numpy int64 product wraps:
+    2**62 x 4 is 0), once its rank, dimensions and, where the model's `limits` are known, its rows and elements are
+    within bounds. Nothing here allocates, so a refused request costs nothing."""
+    where = f"model '{model}' input {quoted(name)}"
+    spec = None if limits is None else limits.specs.get(name)
+    if len(shape) > MAX_RANK:
+        wanted = "the model's shape (see its metadata)" if spec is None or limits is None else _wanted(spec, limits)
+        raise InvalidInputError(
+            f"{where} declares {len(shape)} dimensions; a tensor has at most {MAX_RANK}: send {wanted}"
+        )
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(
+            f"{where} has shape {shape_text(shape)}: expected non-negative dimensions (the rows first)"
+        )
+    count = math.prod(shape)
+    if limits is None or spec is None:
+        return count  # not the model's input: refused by name later, and no larger than the values sent
+    if limits.batched and shape and shape[0] > limits.max_rows:
+        raise InvalidInputError(
+            f"model '{model}' takes at most {limits.max_rows} rows per request, got {shape[0]} in input {quoted(name)} "
+            f"(shape {shape_text(shape)}); split the request"
+        )
+    most = limits.max_elements(name)
+    if most is not None and count > most:
+        takes = f"{limits.max_rows} rows x {spec.values_per_row} values" if limits.batched else "no batch dimension"
+        raise InvalidInputError(
+            f"{where} of shape {shape_text(shape)} declares {count} elements; the model takes at most {most} elements "
+            f"({takes}): send {_wanted(spec, limits)}"
+        )
+    return count
+
+
+def _wanted(spec: TensorSpec, limits: InputLimits) -> str:
+    """What to send instead, in the model's terms."""
+    if limits.batched:
+        return f"{spec.describe()} with at most {limits.max_rows} rows"
+    dims = ", ".join("?" if d is None else str(d) for d in spec.shape)
+    return f"one {spec.dtype.name} tensor of shape [{dims}]"
 
 
 def _shape_str(shape: tuple[int, ...]) -> str:

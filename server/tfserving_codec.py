@@ -19,7 +19,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
 
 from server.errors import MAX_ECHOED_CHARS, InvalidInputError, ModelNotFoundError, quoted
-from server.tensors import TensorSpec
+from server.tensors import MAX_FILL_ELEMENTS, InputLimits, TensorSpec, declared_elements, shape_text
 
 SIGNATURE = "serving_default"
 METHOD_NAME = "tensorflow/serving/predict"
@@ -75,23 +75,27 @@ def check_signature(model: str, spec: model_pb2.ModelSpec) -> None:
         )
 
 
-def decode_tensor(model: str, name: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
-    """One TensorProto as a numpy array of its own shape (the core checks it against the model's signature)."""
-    name = quoted(name)
+def decode_tensor(
+    model: str, name: str, proto: tensor_pb2.TensorProto, limits: InputLimits | None = None
+) -> np.ndarray:
+    """One TensorProto as a numpy array of its own shape (the core checks it against the model's signature). The
+    declared shape is checked against the model's `limits` (rank, rows, elements) before anything is decoded, and
+    one value fills a tensor only as large as the model takes (a broadcast view: nothing is copied)."""
+    shown_name = quoted(name)
     if proto.dtype not in _DTYPES:
         label = types_pb2.DataType.Name(proto.dtype) if proto.dtype in types_pb2.DataType.values() else proto.dtype
         supported = ", ".join(types_pb2.DataType.Name(e) for e in _DTYPES)
-        raise InvalidInputError(f"model '{model}' input {name} has dtype {label}; supported dtypes: {supported}")
+        raise InvalidInputError(f"model '{model}' input {shown_name} has dtype {label}; supported dtypes: {supported}")
     dtype, field = _DTYPES[proto.dtype]
-    if proto.tensor_shape.unknown_rank or any(d.size < 0 for d in proto.tensor_shape.dim):
-        raise InvalidInputError(f"model '{model}' input {name} needs a known shape with non-negative dimensions")
+    if proto.tensor_shape.unknown_rank:
+        raise InvalidInputError(f"model '{model}' input {shown_name} needs a known shape with non-negative dimensions")
     shape = tuple(d.size for d in proto.tensor_shape.dim)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = declared_elements(model, name, shape, limits)
     if proto.tensor_content and dtype != np.dtype(object):
         if len(proto.tensor_content) != count * dtype.itemsize:
             raise InvalidInputError(
-                f"model '{model}' input {name} of shape {list(shape)} needs {count * dtype.itemsize} bytes of "
-                f"tensor_content ({count} x {dtype.itemsize}), got {len(proto.tensor_content)}"
+                f"model '{model}' input {shown_name} of shape {shape_text(shape)} needs {count * dtype.itemsize} bytes "
+                f"of tensor_content ({count} x {dtype.itemsize}), got {len(proto.tensor_content)}"
             )
         return (
             np.frombuffer(proto.tensor_content, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
@@ -99,8 +103,14 @@ def decode_tensor(model: str, name: str, proto: tensor_pb2.TensorProto) -> np.nd
     values = getattr(proto, field)
     if len(values) not in (count, 1) or (len(values) == 1 and count == 0):
         raise InvalidInputError(
-            f"model '{model}' input {name} of shape {list(shape)} needs {count} values in {field} "
+            f"model '{model}' input {shown_name} of shape {shape_text(shape)} needs {count} values in {field} "
             f"(or one for all), got {len(values)}"
+        )
+    most = (limits.max_elements(name) if limits is not None else None) or MAX_FILL_ELEMENTS
+    if len(values) == 1 and count > most:
+        raise InvalidInputError(
+            f"model '{model}' input {shown_name} of shape {shape_text(shape)}: one value fills at most {most} "
+            f"elements, got a shape of {count}; send the model's shape"
         )
     if dtype == np.dtype(object):
         array = np.empty(len(values), dtype=object)
@@ -113,15 +123,19 @@ def decode_tensor(model: str, name: str, proto: tensor_pb2.TensorProto) -> np.nd
             info = np.iinfo(dtype)
             if len(array) and (array.min() < info.min or array.max() > info.max):
                 raise InvalidInputError(
-                    f"model '{model}' input {name} of dtype {dtype.name} takes values from {info.min} to "
+                    f"model '{model}' input {shown_name} of dtype {dtype.name} takes values from {info.min} to "
                     f"{info.max}, got {array.min()} to {array.max()}"
                 )
             array = array.astype(dtype)
     return (np.broadcast_to(array, shape) if len(values) == 1 else array).reshape(shape)
 
 
-def decode_inputs(model: str, inputs: Mapping[str, tensor_pb2.TensorProto]) -> dict[str, np.ndarray]:
-    return {name: decode_tensor(model, name, proto) for name, proto in inputs.items()}
+def decode_inputs(
+    model: str, inputs: Mapping[str, tensor_pb2.TensorProto], limits: InputLimits | None = None
+) -> dict[str, np.ndarray]:
+    """Every input's declared shape is checked (decode_tensor) before the next one is decoded; a one-value tensor
+    is a view, so nothing is allocated beyond the values sent."""
+    return {name: decode_tensor(model, name, proto, limits) for name, proto in inputs.items()}
 
 
 def output_names(model: str, specs: Mapping[str, TensorSpec], output_filter: Sequence[str]) -> list[str]:

@@ -93,7 +93,7 @@ class PredictionService(_Labels):
             runtime = self._core.resolve(spec.name, version)
         tfs.check_signature(spec.name, spec)
         names = tfs.output_names(spec.name, runtime.outputs, request.output_filter)
-        inputs = tfs.decode_inputs(spec.name, request.inputs)
+        inputs = self._core.decode(runtime, lambda limits: tfs.decode_inputs(spec.name, request.inputs, limits))
         result = await self._core.infer(spec.name, runtime.version, inputs, deadline_of(context))
         return tfs.predict_response(spec.name, result.version, result.outputs, names)
 
