@@ -136,6 +136,11 @@ def _grpc_server(
             ("grpc.so_reuseport", int(reuse_port)),
             ("grpc.server.max_pending_requests", settings.max_pending_rpcs),
             ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_rpcs),
+            # Each stream's receive window stays at HTTP/2's 64 KB instead of growing with the bandwidth-delay product
+            # probe (4 MB or more per stream): gRPC buffers that much of a stream before its handler reads, so a
+            # ModelStreamInfer stream that the server stopped reading (its client reads no answers) would still hold
+            # it. A larger message still arrives once it is being read, at about one more round trip.
+            ("grpc.http2.bdp_probe", 0),
         ],
     )
 

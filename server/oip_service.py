@@ -12,6 +12,7 @@ rather than gRPC's bare "Method not found!". The model-repository extension is t
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -30,8 +31,19 @@ from server.rpc import MalformedRequest, deadline_of, rpc
 from server.status import to_status
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-# Requests of one stream being answered at once; the stream's reader waits beyond that (back-pressure).
+# ModelStreamInfer's flow control: a message is held from the moment its request is read until its answer has been
+# handed to gRPC's flow control (the `yield` returned), so a client that stops reading stops being read, and its
+# sends wait in HTTP/2 flow control as they would with a server that has no more room.
+# Messages one stream holds at most; its reader waits beyond (small messages still pipeline deeply, for batching).
 MAX_STREAM_IN_FLIGHT = 1024
+# Bytes all the streams of this process hold at most (tensor bytes of each request, then of its answer, plus
+# STREAM_MESSAGE_OVERHEAD each): five times what residual_cnn's batch queue may hold (4,096 rows of 3 KB), so
+# clients that read are not slowed by it. A stream that holds nothing may still take one message whatever the others
+# hold, as a unary call would: streams whose clients never read can fill the budget, not stop other streams.
+STREAM_BUFFER_BYTES = 64 * 1024 * 1024
+# What a held message costs beyond its tensor bytes (protos, task, coroutine frames, arrays, the batcher's entry:
+# 8 KB measured for a one-row request waiting for its batch), so that a window of tiny messages counts too.
+STREAM_MESSAGE_OVERHEAD = 8 * 1024
 DRAIN_POLL_SECONDS = 0.05
 # The extensions ServerMetadata lists, in Triton's names.
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
@@ -89,6 +101,7 @@ class OipService:
         self._core = core
         self._repository_control = repository_control
         self._version = _server_version()
+        self._stream_budget = _StreamBudget(STREAM_BUFFER_BYTES)
 
     def _label(self, name: str) -> str:
         """A metric label for a caller-supplied model name: unknown names share one label."""
@@ -184,7 +197,8 @@ class OipService:
         oip.check_datatypes(name, runtime.inputs, request)
         outputs = oip.requested_outputs(name, runtime.outputs, request)
         classes = oip.classification_counts(name, runtime.outputs, request)
-        result = await self._core.infer(name, runtime.version, oip.decode_inputs(name, request), deadline)
+        inputs = self._core.decode(runtime, lambda limits: oip.decode_inputs(name, request, limits))
+        result = await self._core.infer(name, runtime.version, inputs, deadline)
         return oip.encode_response(request, name, result.version, result.outputs, outputs, classes, runtime.batched)
 
     @rpc("RepositoryIndex", lambda self, request: "")
@@ -267,27 +281,32 @@ class OipService:
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Many requests over one call: each is answered when it completes, so they batch with each other.
 
+        A message is held from its reading until its answer is sent, within the stream's window and the
+        server-wide budget (STREAM_BUFFER_BYTES); beyond them the stream is not read, so a client that does not
+        read its answers is not read either, and holds a bounded amount of memory.
+
         The stream ends when the client is done sending and every answer is out. When the server drains, it
         stops reading, answers what it has read, and ends the stream with UNAVAILABLE (retry elsewhere) rather
         than leaving it for the listener's close to cancel.
         """
         deadline = deadline_of(context)
-        answers: asyncio.Queue[Any] = asyncio.Queue()
-        slots = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)
+        window = _StreamWindow(self._stream_budget)
+        answers: asyncio.Queue[Any] = asyncio.Queue()  # (answer, bytes held for it); at most the window's
         pending: set[asyncio.Task[None]] = set()
 
-        async def answer(request: pb.ModelInferRequest | MalformedRequest) -> None:
-            try:
-                answers.put_nowait(await self._stream_one(request, deadline))
-            finally:
-                slots.release()
+        async def answer(request: pb.ModelInferRequest | MalformedRequest, size: int) -> None:
+            response = await self._stream_one(request, deadline)
+            answers.put_nowait((response, window.resize(size, _held_bytes(response))))
 
         async def read() -> None:
             async for request in requests:
-                await slots.acquire()
-                task = asyncio.create_task(answer(request))
+                size = _held_bytes(request)
+                await window.admit(size)
+                task = asyncio.create_task(answer(request, size))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
+                del request
+                await window.room()  # the next message is read only when the stream may hold it
 
         async def read_then_finish() -> bool:
             """Read until the client is done or the server drains; wait for the answers; True when draining."""
@@ -308,7 +327,13 @@ class OipService:
         finishing.add_done_callback(answers.put_nowait)  # the task itself is the last item
         try:
             while not isinstance(item := await answers.get(), asyncio.Task):
-                yield item
+                response, size = item
+                del item
+                # grpc.aio resumes this generator once gRPC has taken the message within the client's flow-control
+                # window: a client that does not read keeps the message held here, and its stream unread.
+                yield response
+                del response
+                window.release(size)
             if item.result():
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
@@ -319,6 +344,7 @@ class OipService:
             finishing.cancel()
             for task in list(pending):
                 task.cancel()
+            window.close()
 
     async def _draining(self) -> None:
         """Returns once the server stops taking new requests (polled: streams are few, and 50 ms is early enough)."""
@@ -350,6 +376,154 @@ class OipService:
         finally:
             REQUESTS.labels(label, "ModelStreamInfer", code.name).inc()
             REQUEST_DURATION.labels(label, "ModelStreamInfer").observe(time.perf_counter() - started)
+
+
+# Bytes per value of each typed-contents field (BYTES values are counted by their lengths).
+_CONTENT_ITEM_BYTES = {
+    "bool_contents": 1,
+    "int_contents": 4,
+    "uint_contents": 4,
+    "fp32_contents": 4,
+    "int64_contents": 8,
+    "uint64_contents": 8,
+    "fp64_contents": 8,
+}
+
+
+def _held_bytes(message: pb.ModelInferRequest | pb.ModelStreamInferResponse | MalformedRequest) -> int:
+    """What a stream message holds, as the stream's flow control counts it: its tensor bytes plus
+    STREAM_MESSAGE_OVERHEAD. Not ByteSize(), which serializes the message (0.5 ms for 200 KB of raw contents)."""
+    if isinstance(message, MalformedRequest):
+        return message.size + STREAM_MESSAGE_OVERHEAD
+    if isinstance(message, pb.ModelStreamInferResponse):
+        response = message.infer_response
+        return sum(map(len, response.raw_output_contents)) + len(message.error_message) + STREAM_MESSAGE_OVERHEAD
+    size = sum(map(len, message.raw_input_contents)) + STREAM_MESSAGE_OVERHEAD
+    for tensor in message.inputs:
+        if tensor.HasField("contents"):
+            contents = tensor.contents
+            size += sum(len(getattr(contents, name)) * item for name, item in _CONTENT_ITEM_BYTES.items())
+            size += sum(map(len, contents.bytes_contents))
+    return size
+
+
+class _StreamBudget:
+    """The bytes that all streams of the process may hold at once (STREAM_BUFFER_BYTES), granted first come, first
+    served, so that a large message is not passed over forever by small ones."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._queue: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def take(self, size: int) -> asyncio.Future[None] | None:
+        """Take `size` bytes: None when taken now, else a future done once they are (cancel it to give up)."""
+        self._grant()  # first drop the queue's head if it was given up
+        if not self._queue and self._fits(size):
+            self.held += size
+            return None
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((size, future))
+        return future
+
+    def grant(self, size: int, future: asyncio.Future[None]) -> None:
+        """Grant a queued `take` now, out of turn, whatever is held (its stream holds nothing else)."""
+        if not future.done():
+            self.held += size
+            future.set_result(None)
+            self._grant()
+
+    def force(self, size: int) -> None:
+        """Take `size` bytes (or give them back, when negative) whatever is held: a message already there."""
+        self.held += size
+        if size < 0:
+            self._grant()
+
+    def give(self, size: int) -> None:
+        self.force(-size)
+
+    def _fits(self, size: int) -> bool:
+        return self.held + size <= self.limit
+
+    def _grant(self) -> None:
+        """Grant queued takes in order while they fit; skip those granted out of turn or given up."""
+        while self._queue and (self._queue[0][1].done() or self._fits(self._queue[0][0])):
+            size, future = self._queue.popleft()
+            if not future.done():
+                self.held += size
+                future.set_result(None)
+
+
+class _StreamWindow:
+    """What one stream holds: messages read whose answers have not been sent yet, within MAX_STREAM_IN_FLIGHT
+    messages and the server-wide budget, whose bytes it takes and gives back."""
+
+    def __init__(self, budget: _StreamBudget, limit: int = MAX_STREAM_IN_FLIGHT) -> None:
+        self._budget = budget
+        self._limit = limit
+        self._count = 0
+        self._bytes = 0
+        self._closed = False
+        self._changed = asyncio.Event()
+        self._waiting: tuple[int, asyncio.Future[None]] | None = None  # the take that the reader waits for
+
+    async def room(self) -> None:
+        """Return once the stream may hold one more message."""
+        while self._count >= self._limit:
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def admit(self, size: int) -> None:
+        """Hold a message just read: at once when the budget has room or the stream holds nothing (as a unary call,
+        whatever the others hold), else once either is so. A message larger than the whole budget waits for the
+        stream to hold nothing, never in the budget's queue, which it would block."""
+        if not self._count:
+            self._budget.force(size)
+        elif (future := self._budget.take(size) if size <= self._budget.limit else self._never()) is not None:
+            self._waiting = (size, future)
+            try:
+                await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled():
+                    self._budget.give(size)  # granted, but the reader is gone
+                raise
+            finally:
+                self._waiting = None
+        if self._closed:  # the stream ended while the reader waited: it is about to be cancelled
+            self._budget.give(size)
+            return
+        self._count += 1
+        self._bytes += size
+
+    @staticmethod
+    def _never() -> asyncio.Future[None]:
+        """A take that only `grant` completes: the stream's turn to hold one message whatever the budget."""
+        return asyncio.get_running_loop().create_future()
+
+    def resize(self, old: int, new: int) -> int:
+        """A held message now holds `new` bytes instead of `old` (its answer replaced its request); returns `new`."""
+        if not self._closed:
+            self._bytes += new - old
+            self._budget.force(new - old)
+        return new
+
+    def release(self, size: int) -> None:
+        """A message's answer was sent: the stream and the budget have room for another."""
+        if self._closed:
+            return
+        self._count -= 1
+        self._bytes -= size
+        self._budget.give(size)
+        self._changed.set()
+        if self._count == 0 and self._waiting is not None:
+            self._budget.grant(*self._waiting)
+
+    def close(self) -> None:
+        """The stream ended: give back everything it held (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._budget.give(self._bytes)
+            self._count = self._bytes = 0
 
 
 def _batching_parameters(meta: ModelMetadata) -> dict[str, str]:
