@@ -13,6 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from clients.client import ModelServerClient  # noqa: E402
 from tests.helpers.server import ServerProcess  # noqa: E402
 
+# After the last test, whatever is still running is reported, killed, and fails the run (issue 21).
+pytest_plugins = ["tests.helpers.leak_guard"]
+
 SEED = 1234  # the server's default --seed
 
 
@@ -25,15 +28,12 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(model_repository: Path) -> Iterator[ServerProcess]:
     """A real server, started once per session on port 0, exporting the built-in models on its first start. It is
     held before loading its first model until the test has seen it reachable and NOT_SERVING."""
-    process = ServerProcess(model_repository, ["--grace-period", "10"], held=["load"])
-    try:
+    with ServerProcess(model_repository, ["--grace-period", "10"], held=["load"]) as process:
         process.wait_arrived(1, "load", timeout=300)
         process.health_seen.append(process.health())
         process.release("load")
         process.wait_serving()
         yield process
-    finally:
-        process.kill()
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,8 +80,11 @@ def real_runtime(tmp_path_factory, keras_models) -> ModelRuntime:
 
 
 @pytest.fixture
-def runtime(real_runtime) -> GatedRuntime:
-    return GatedRuntime(real_runtime)
+def runtime(real_runtime) -> Iterator[GatedRuntime]:
+    """Its gate opened again after the test, failed or not: no executor thread stays held in a model call."""
+    gated = GatedRuntime(real_runtime)
+    yield gated
+    gated.gate.set()
 
 
 @pytest.fixture(scope="module")

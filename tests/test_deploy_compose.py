@@ -172,9 +172,10 @@ def test_rolling_restart_loses_nothing_for_retrying_callers(stack):
     """Each replica in turn: `podman stop` (SIGTERM, drain), `podman start`, healthy, nginx reloaded (the replica
     has a new address), calls reach it again; then the next. Callers with the project's retry policy see no
     failure; callers that never retry see only UNAVAILABLE (a draining replica's answer, README)."""
-    retrying = ClosedLoop(stack.target, concurrency=4, max_seconds=400, retries=3).start()
-    plain = ClosedLoop(stack.target, concurrency=4, max_seconds=400).start()
-    try:
+    with (
+        ClosedLoop(stack.target, concurrency=4, max_seconds=400, retries=3) as retrying,
+        ClosedLoop(stack.target, concurrency=4, max_seconds=400) as plain,
+    ):
         wait_until(lambda: retrying.total >= 100 and plain.total >= 100, 120, "the loads to run")
         for name in stack.containers("server"):
             podman("stop", "--time", str(STOP_TIMEOUT), name, timeout=STOP_TIMEOUT + 60)
@@ -184,8 +185,7 @@ def test_rolling_restart_loses_nothing_for_retrying_callers(stack):
             stack.reload_nginx()
             served = stack.requests(name)
             wait_until(lambda n=name, s=served: stack.requests(n) >= s + 20, 120, f"calls to reach {name} again")
-    finally:
-        retrying_codes, plain_codes = retrying.stop(), plain.stop()
+    retrying_codes, plain_codes = retrying.stop(), plain.stop()  # stopped already: their final counts
     print(f"rolling restart under podman-compose: with retries {dict(retrying_codes)}; no retry {dict(plain_codes)}")
     assert retrying.failures == [], sorted(set(retrying.failures))[:5]
     assert retrying_codes["OK"] >= 100

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
 
 import pytest
 
@@ -30,16 +31,35 @@ DRAIN_SETTINGS = {
 
 class Replicas:
     """Two servers, restartable one at a time: each first binds port 0, and a restart takes that port back (nginx's
-    upstream names it)."""
+    upstream names it). A context manager: every replica started, the first ones of a failed start included, is
+    killed when the block ends."""
 
     def __init__(self, repository: Path) -> None:
         self.repository = repository
-        self.servers = [self._start(0), self._start(0)]
+        self.servers: list[ServerProcess] = []
+        try:
+            for _ in range(2):
+                self.servers.append(self._start(0))
+        except BaseException:
+            self.kill()
+            raise
         self.ports = [server.port for server in self.servers]
+
+    def __enter__(self) -> Replicas:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.kill()
 
     def _start(self, port: int) -> ServerProcess:
         server = ServerProcess(self.repository, ["--grpc-port", str(port)], env=DRAIN_SETTINGS)
-        server.wait_serving()
+        try:
+            server.wait_serving()
+        except BaseException:
+            server.kill()
+            raise
         return server
 
     def restart(self, index: int, kill: bool = False) -> int:
@@ -49,6 +69,7 @@ class Replicas:
         if kill:
             old.kill()
         code = old.process.returncode if kill else old.stop()
+        old.kill()  # reaped, channel closed (a no-op after a clean stop)
         self.servers[index] = self._start(self.ports[index])
         return code
 
@@ -64,8 +85,15 @@ class Replicas:
         return [server.metric("modelserver_requests_total", **OK_CALLS) for server in self.servers]
 
     def kill(self) -> None:
+        """Kill every replica, even when killing one of them fails (that failure is raised afterwards)."""
+        failures: list[BaseException] = []
         for server in self.servers:
-            server.kill()
+            try:
+                server.kill()
+            except Exception as error:  # each replica, whatever the others do
+                failures.append(error)
+        if failures:
+            raise failures[0]
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +108,8 @@ def exported_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def replicas(exported_repository: Path) -> Iterator[Replicas]:
-    group = Replicas(exported_repository)
-    try:
+    with Replicas(exported_repository) as group:
         yield group
-    finally:
-        group.kill()
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +157,15 @@ def test_rolling_restart_under_load(nginx: NginxProcess, replicas: Replicas) -> 
     printed); callers that retry UNAVAILABLE, as the project's clients do, must see no failure at all.
     """
     answered_before, errors_before = nginx.access_counts(), len(nginx.errors())
-    plain = ClosedLoop(nginx.target, concurrency=6, max_seconds=240).start()
-    retrying = ClosedLoop(nginx.target, concurrency=4, max_seconds=240, retries=3).start()
-    try:
+    with (
+        ClosedLoop(nginx.target, concurrency=6, max_seconds=240) as plain,
+        ClosedLoop(nginx.target, concurrency=4, max_seconds=240, retries=3) as retrying,
+    ):
         wait_until(lambda: plain.total >= 200 and retrying.total >= 100, 60, "the loads to run")
         for index in range(2):
             assert replicas.restart(index) == 0, replicas.servers[index].log_text()
             replicas.wait_for_calls(index)  # before the next one stops
-    finally:
-        plain_codes, retrying_codes = plain.stop(), retrying.stop()
+    plain_codes, retrying_codes = plain.stop(), retrying.stop()  # stopped already: their final counts
     print(f"rolling restart through nginx: no retry {dict(plain_codes)}; with retries {dict(retrying_codes)}")
     # Both loads ran before the restarts (the wait above) and reached each restarted replica (wait_for_calls).
     assert plain_codes["OK"] >= 200 and retrying_codes["OK"] >= 100, (plain_codes, retrying_codes)
@@ -164,14 +189,14 @@ def test_a_killed_replica_loses_only_the_calls_it_was_reading(nginx: NginxProces
     a call the replica had started reading: callers that never retry lose at most the calls they had in flight
     there (one per caller), as nginx's own UNAVAILABLE; callers with the retry policy lose nothing."""
     before = nginx.access_counts()
-    plain = ClosedLoop(nginx.target, concurrency=6, max_seconds=240).start()
-    retrying = ClosedLoop(nginx.target, concurrency=4, max_seconds=240, retries=3).start()
-    try:
+    with (
+        ClosedLoop(nginx.target, concurrency=6, max_seconds=240) as plain,
+        ClosedLoop(nginx.target, concurrency=4, max_seconds=240, retries=3) as retrying,
+    ):
         wait_until(lambda: plain.total >= 200 and retrying.total >= 100, 60, "the loads to run")
         assert replicas.restart(0, kill=True) == -9
         replicas.wait_for_calls(0)
-    finally:
-        plain_codes, retrying_codes = plain.stop(), retrying.stop()
+    plain_codes, retrying_codes = plain.stop(), retrying.stop()  # stopped already: their final counts
     print(f"replica killed behind nginx: no retry {dict(plain_codes)}; with retries {dict(retrying_codes)}")
     assert retrying.failures == [], f"retrying callers saw failures: {sorted(set(retrying.failures))[:5]}"
     assert set(plain_codes) <= {"OK", "UNAVAILABLE"} and len(plain.failures) <= 6, dict(plain_codes)

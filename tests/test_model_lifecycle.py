@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import shutil
 import signal
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 
 import grpc
 import numpy as np
@@ -28,6 +30,7 @@ from models.registry import BUILTIN_MODELS
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 from server import repository
+from tests.helpers.backoff import Backoff
 from tests.helpers.models import keras_outputs
 from tests.helpers.server import REPO_ROOT, ServerProcess
 
@@ -93,16 +96,39 @@ def wait_for(what: str, condition: Callable[[], bool], timeout: float = 120) -> 
 
 class Callers:
     """CALLERS closed-loop callers of multi_input (a version, or 0 = latest) on their own thread's event loop,
-    every answer recorded as (code, version) and every OK answer checked against `expected`."""
+    every answer recorded as (code, version) and every OK answer checked against `expected`. A failed call is
+    retried after a back-off, as a real client's would be.
+
+    A context manager: leaving the block stops the callers and joins their thread, at once (calls in flight
+    cancelled) when the block raised, so a failed assertion never leaves 64 callers running for minutes and
+    pytest waiting for them at exit (issue 21)."""
 
     def __init__(self, server: ServerProcess, expected: dict[int, float], version: int = 0) -> None:
         self.outcomes: collections.Counter[tuple[str, int]] = collections.Counter()
         self.wrong: list[tuple[int, float]] = []
         self._server, self._expected, self._version = server, expected, version
-        self._stop = False
+        self._stopping = threading.Event()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
+        self._wake = asyncio.Event()  # set on the loop by stop(): a caller backing off stops waiting
+        self._task = self._loop.create_task(self._run())
+        self._thread = threading.Thread(target=self._serve, name=f"callers-of-version-{version}")
         self._thread.start()
+
+    def __enter__(self) -> Callers:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop(at_once=exc_type is not None)
+
+    def _serve(self) -> None:
+        try:
+            self._loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass  # stopped at once
+        finally:
+            self._loop.close()
 
     async def _run(self) -> None:
         async with grpc.aio.insecure_channel(self._server.target) as channel:
@@ -112,13 +138,17 @@ class Callers:
             request.version = self._version
 
             async def caller() -> None:
+                backoff = Backoff()
                 deadline = time.monotonic() + 300
-                while not self._stop and time.monotonic() < deadline:
+                while not self._stopping.is_set() and time.monotonic() < deadline:
                     try:
                         response = await stub.PredictMultiInput(request, timeout=60)
                     except grpc.aio.AioRpcError as error:
                         self.outcomes[(error.code().name, 0)] += 1
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), backoff.delay())
                         continue
+                    backoff.reset()
                     self.outcomes[("OK", response.version)] += 1
                     if abs(response.output[0] - self._expected.get(response.version, np.nan)) > 1e-5:
                         self.wrong.append((response.version, response.output[0]))
@@ -126,12 +156,25 @@ class Callers:
             await asyncio.gather(*(caller() for _ in range(CALLERS)))
 
     def total(self, version: int | None = None) -> int:
-        return sum(n for (code, v), n in self.outcomes.items() if version is None or v == version)
+        outcomes = list(self.outcomes.items())  # one copy: the callers' thread adds keys meanwhile
+        return sum(n for (code, v), n in outcomes if version is None or v == version)
 
-    def stop(self) -> collections.Counter[tuple[str, int]]:
-        self._stop = True
-        self._thread.join(120)
+    def stop(self, at_once: bool = False) -> collections.Counter[tuple[str, int]]:
+        """Stop every caller after its current call, or `at_once` (calls in flight cancelled, not counted); join
+        their thread either way. Idempotent."""
+        self._stopping.set()
+        self._signal(self._task.cancel if at_once else self._wake.set)
+        self._thread.join(30 if at_once else 90)  # without at_once: a call in flight ends by its 60 s timeout
+        if self._thread.is_alive():
+            self._signal(self._task.cancel)
+            self._thread.join(30)
+        assert not self._thread.is_alive(), "the callers' thread did not stop"
         return self.outcomes
+
+    def _signal(self, callback: Callable[[], object]) -> None:
+        """Run `callback` on the callers' loop (nothing to do once the loop has ended)."""
+        with contextlib.suppress(RuntimeError):  # "Event loop is closed": the callers are done
+            self._loop.call_soon_threadsafe(callback)
 
 
 def test_a_new_version_is_served_without_a_failed_call_and_the_old_one_retires(
@@ -141,31 +184,31 @@ def test_a_new_version_is_served_without_a_failed_call_and_the_old_one_retires(
     server = ServerProcess(repo, POLL, holds=True)
     try:
         server.wait_serving()
-        callers = Callers(server, expected)
-        wait_for("the callers to run on version 1", lambda: callers.total(1) >= 200)
-        server.hold("load")  # the test sees version 2 loading while version 1 serves
-        publish(other_version, repo / "multi_input" / "2")
-        server.wait_arrived(1, "load")
-        assert status(server) == {1: (State.AVAILABLE, ""), 2: (State.LOADING, "")}
-        served_while_loading = callers.total(1)
-        wait_for("calls while version 2 loads", lambda: callers.total(1) >= served_while_loading + 200)
-        assert callers.total(2) == 0, "version 2 answered before it was available"
-        server.release("load")
-        wait_for("version 1 to retire", lambda: status(server) == {2: (State.AVAILABLE, "")})
-        wait_for("calls on version 2", lambda: callers.total(2) >= 200)
-        outcomes = callers.stop()
+        with Callers(server, expected) as callers:
+            wait_for("the callers to run on version 1", lambda: callers.total(1) >= 200)
+            server.hold("load")  # the test sees version 2 loading while version 1 serves
+            publish(other_version, repo / "multi_input" / "2")
+            server.wait_arrived(1, "load")
+            assert status(server) == {1: (State.AVAILABLE, ""), 2: (State.LOADING, "")}
+            served_while_loading = callers.total(1)
+            wait_for("calls while version 2 loads", lambda: callers.total(1) >= served_while_loading + 200)
+            assert callers.total(2) == 0, "version 2 answered before it was available"
+            server.release("load")
+            wait_for("version 1 to retire", lambda: status(server) == {2: (State.AVAILABLE, "")})
+            wait_for("calls on version 2", lambda: callers.total(2) >= 200)
+            outcomes = callers.stop()
         assert {code for code, _ in outcomes} == {"OK"}, outcomes
         assert callers.wrong == [], callers.wrong[:5]
         assert server.metric("modelserver_model_ready", model="multi_input", version="2") == 1
         assert 'modelserver_model_ready{model="multi_input",version="1"}' not in server.metrics_text()
 
         # Version 2 removed from disk while callers pin it: version 1 comes back, 2 retires, nothing is lost.
-        pinned = Callers(server, expected, version=2)
-        wait_for("pinned calls", lambda: pinned.total(2) >= 200)
-        shutil.rmtree(repo / "multi_input" / "2")
-        wait_for("version 2 to retire", lambda: status(server) == {1: (State.AVAILABLE, "")})
-        wait_for("calls refused once it retired", lambda: pinned.outcomes[("NOT_FOUND", 0)] > 0)
-        outcomes = pinned.stop()
+        with Callers(server, expected, version=2) as pinned:
+            wait_for("pinned calls", lambda: pinned.total(2) >= 200)
+            shutil.rmtree(repo / "multi_input" / "2")
+            wait_for("version 2 to retire", lambda: status(server) == {1: (State.AVAILABLE, "")})
+            wait_for("calls refused once it retired", lambda: pinned.outcomes[("NOT_FOUND", 0)] > 0)
+            outcomes = pinned.stop()
         assert set(outcomes) <= {("OK", 2), ("NOT_FOUND", 0)}, outcomes
         assert pinned.wrong == []
         assert server.stop() == 0

@@ -14,6 +14,7 @@ import numpy as np
 
 from clients.loadtest import LoadTestConfig, run_loadtest
 from modelserver.v1 import modelserver_pb2 as pb
+from tests.helpers.backoff import Backoff
 from tests.helpers.deploy_native import wait_until
 from tests.helpers.drain import CALLERS, drain_round
 from tests.helpers.models import keras_outputs, random_inputs
@@ -55,8 +56,8 @@ def test_drain_under_load_loses_nothing_and_never_cancels(model_repository, kera
 def test_overload_is_refused_with_resource_exhausted_and_the_server_recovers(model_repository, keras_models):
     # A low admission limit, so that both an open loop and a crowd of callers go far beyond it. The crowd meets
     # it while the test holds the model: admitted calls cannot finish, so the limit is reached on any machine.
-    server = ServerProcess(model_repository, ["--max-concurrent-rpcs", "100"], holds=True)
     request, expected = _one_row(keras_models)
+    server = ServerProcess(model_repository, ["--max-concurrent-rpcs", "100"], holds=True)
     try:
         server.wait_serving()
         refused_before = server.metric(
@@ -103,8 +104,8 @@ def test_max_concurrent_streams_caps_calls_per_connection(model_repository, kera
     """--max-concurrent-streams: a connection's calls beyond the limit never reach the server. gRPC core refuses
     them (RST_STREAM REFUSED_STREAM, UNAVAILABLE to the caller) or, once the client has the limit, they wait on
     the client's side. Another connection still gets in, and the admitted calls are answered right."""
-    server = ServerProcess(model_repository, ["--max-concurrent-streams", "8"], holds=True)
     request, expected = _one_row(keras_models)
+    server = ServerProcess(model_repository, ["--max-concurrent-streams", "8"], holds=True)
     busy = grpc.insecure_channel(server.target)
     other = grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
     try:
@@ -161,12 +162,16 @@ async def _crowd(
         )
 
         async def caller() -> None:
+            backoff = Backoff()
             while not stop:
                 try:
                     await predict(request, timeout=60)
                     codes["OK"] += 1
                 except grpc.aio.AioRpcError as error:
                     codes[error.code().name] += 1
+                    # A crowd keeps coming back when refused (that is the test), not at a server that is down.
+                    if error.code() == grpc.StatusCode.UNAVAILABLE:
+                        await asyncio.sleep(backoff.delay())
 
         server.hold()
         try:

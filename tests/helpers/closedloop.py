@@ -2,7 +2,9 @@
 
 The load-test tool runs for a duration or a count fixed up front; a rolling restart takes as long as it takes,
 so its test needs a load it can stop when the restart is over. Like the tool it does not retry unless asked
-to: every failure that reaches a caller is counted.
+to: every failure that reaches a caller is counted; the caller then waits a back-off before its next call, as a
+real client would, instead of spinning on a replica that is down. Use it as a context manager: the callers stop,
+and their threads are joined, however the block ends.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from types import TracebackType
 
 import grpc
 
 from clients.client import DEFAULT_MAX_MESSAGE_BYTES, TYPED_MODELS, channel_options
 from clients.loadtest import build_request
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
+from tests.helpers.backoff import Backoff
+
+STOP_SECONDS = 30  # a caller ends after its current call (at most `timeout`) and its back-off (at most 0.5 s)
 
 
 class ClosedLoop:
@@ -34,14 +40,28 @@ class ClosedLoop:
         self._lock = threading.Lock()
         self.codes: Counter[str] = Counter()
         self.failures: list[str] = []  # "CODE: details" of every failed call, in order
-        self._threads = [threading.Thread(target=self._caller, daemon=True) for _ in range(concurrency)]
+        # Not daemons: one left running is a leak the session's guard (tests/helpers/leak_guard.py) reports.
+        self._threads = [
+            threading.Thread(target=self._caller, name=f"closed-loop-{i}", daemon=False) for i in range(concurrency)
+        ]
+        self._stopped = False
 
     def start(self) -> ClosedLoop:
         for thread in self._threads:
-            thread.start()
+            if thread.ident is None:  # not started yet: start() may be called again
+                thread.start()
         return self
 
+    def __enter__(self) -> ClosedLoop:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
     def _caller(self) -> None:
+        backoff = Backoff()
         while not self._stop.is_set() and time.monotonic() < self._deadline:
             try:
                 self._call(self._request, timeout=self._timeout)
@@ -52,6 +72,10 @@ class ClosedLoop:
                 self.codes[code] += 1
                 if code != "OK":
                     self.failures.append(f"{code}: {detail}")
+            if code == "OK":
+                backoff.reset()
+            else:
+                self._stop.wait(backoff.delay())  # stop() ends the wait at once
 
     @property
     def total(self) -> int:
@@ -59,9 +83,18 @@ class ClosedLoop:
             return sum(self.codes.values())
 
     def stop(self) -> Counter[str]:
-        """Stop every caller after its current call; returns the final count by status code."""
+        """Stop every caller after its current call; returns the final count by status code. Idempotent."""
         self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-        self._channel.close()
+        if not self._stopped:
+            deadline = time.monotonic() + STOP_SECONDS
+            for thread in self._threads:
+                if thread.ident is not None:
+                    thread.join(max(0.0, deadline - time.monotonic()))
+            self._stopped = True
+            self._channel.close()  # a call still in flight (a thread that did not stop in time) ends CANCELLED
+            for thread in self._threads:
+                if thread.ident is not None:
+                    thread.join(5)
+            alive = [thread.name for thread in self._threads if thread.is_alive()]
+            assert not alive, f"closed-loop callers did not stop: {alive}"
         return self.codes

@@ -89,6 +89,15 @@ class _Stopper:
     def exit_code(self) -> int:
         return int(podman("inspect", self.name, "--format", "{{.State.ExitCode}}").stdout.strip())
 
+    def reap(self) -> None:
+        """The background `podman stop`, if any, ended (it returns once the container is gone) and reaped."""
+        if self.stopping is not None and self.stopping.poll() is None:
+            try:
+                self.stopping.wait(30)
+            except subprocess.TimeoutExpired:
+                self.stopping.kill()
+                self.stopping.wait(10)
+
 
 class Container:
     """One container of the image, its ports published on free loopback ports, optionally with hold points (a
@@ -189,5 +198,6 @@ class Container:
             for point in ("predict", "load", "warmup", "export", "import"):
                 self.release(point)
         podman("rm", "--force", "--time", "0", self.name, check=False)
+        self.process.reap()
         if self.hold_dir is not None:
             shutil.rmtree(self.hold_dir, ignore_errors=True)

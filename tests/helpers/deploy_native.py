@@ -4,9 +4,12 @@ deploy/ with only the addresses (and, for speed, the scrape interval) changed. U
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -42,6 +45,19 @@ def tool(name: str) -> str:
     if found is None:
         raise RuntimeError(f"{name} is not installed: run `make test` (it installs Debian's prometheus and nginx)")
     return found
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM a process started in its own session (start_new_session=True), SIGKILL its whole group if it has not
+    exited in `timeout` s (nginx's workers too), and reap it. Safe to call again, and on one that exited."""
+    if process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout)
+    if process.returncode is None or not Path(f"/proc/{process.pid}").exists():  # the group is still ours
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+    process.wait(10)
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
@@ -93,8 +109,13 @@ class PrometheusProcess:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
-        wait_until(self._ready, 60, "Prometheus /-/ready")
+        try:
+            wait_until(self._ready, 60, "Prometheus /-/ready")
+        except BaseException:
+            self.stop()
+            raise
 
     def _ready(self) -> bool:
         if self.process.poll() is not None:
@@ -122,13 +143,7 @@ class PrometheusProcess:
         return self.api("query", query=expr)["result"]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process_group(self.process)
 
 
 # --- nginx ------------------------------------------------------------------------------------------------------
@@ -179,9 +194,17 @@ class NginxProcess:
         test = subprocess.run(self._command("-t"), capture_output=True, text=True)
         assert test.returncode == 0, f"nginx -t failed:\n{test.stderr}"
         self.process = subprocess.Popen(
-            [*self._command("-g", "daemon off;")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            [*self._command("-g", "daemon off;")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own group: stop() can kill the master and its workers together
         )
-        wait_until(self._listening, 30, "nginx to listen")
+        try:
+            wait_until(self._listening, 30, "nginx to listen")
+        except BaseException:
+            self.stop()
+            raise
 
     def write_config(self, upstreams: Sequence[str]) -> None:
         self.config_file.write_text(nginx_config_for_loopback(self.source, self.port, upstreams, self.workdir))
@@ -213,10 +236,4 @@ class NginxProcess:
         return path.read_text() if path.exists() else ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: nginx's fast shutdown
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process_group(self.process)  # SIGTERM: nginx's fast shutdown; SIGKILL to all if it hangs

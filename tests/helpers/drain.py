@@ -10,6 +10,7 @@ import time
 import grpc
 
 from modelserver.v1 import modelserver_pb2 as pb
+from tests.helpers.backoff import Backoff
 from tests.helpers.server import ServerProcess
 
 CALLERS = 64
@@ -70,10 +71,12 @@ async def drain_round(
             wrong.append(response.output[0])
 
     async def caller(predict: grpc.aio.UnaryUnaryMultiCallable) -> None:
+        backoff = Backoff()  # a refused caller retries as a real client does, not 64 of them in a tight loop
         while signalled is None or (server.process.poll() is None and time.monotonic() < signalled + 30):
             when = "before" if signalled is None else "after"
             try:
                 record(when, "OK", await predict(request, timeout=60))
+                backoff.reset()
             except grpc.aio.AioRpcError as error:
                 record(when, error.code().name, None)
                 if server.process.poll() is not None:
@@ -81,6 +84,7 @@ async def drain_round(
                 refused_here = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
                 if stop_when_refused and when == "after" and refused_here:
                     return
+                await asyncio.sleep(backoff.delay())
 
     async def probe(predict: grpc.aio.UnaryUnaryMultiCallable) -> None:
         """One call; a "shutting down" refusal releases the held model."""
@@ -91,11 +95,12 @@ async def drain_round(
             if error.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in (error.details() or ""):
                 refused.set()
 
+    tasks: list[asyncio.Task[None]] = []
     probes: list[asyncio.Task[None]] = []
     try:
         if server.hold_dir is not None:
             server.hold()
-        tasks = [asyncio.create_task(caller(predicts[i % channels])) for i in range(callers)]
+        tasks += [asyncio.create_task(caller(predicts[i % channels])) for i in range(callers)]
         if server.hold_dir is not None:
             deadline = time.monotonic() + 120
             while server.metric("modelserver_inflight_requests", model="multi_input") < in_flight_before + callers:
@@ -115,5 +120,8 @@ async def drain_round(
     finally:
         if server.hold_dir is not None:
             server.release()
+        for task in (*tasks, *probes):  # after a failure: no caller outlives the round
+            task.cancel()
+        await asyncio.gather(*tasks, *probes, return_exceptions=True)
         await asyncio.gather(*(channel.close() for channel in opened))
     return outcomes, wrong

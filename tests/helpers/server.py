@@ -3,10 +3,15 @@
 The server binds port 0 for gRPC and metrics alike and writes the ports it bound to a port file (--port-file), so
 nothing here guesses a free port or reads the human log for a port. With `holds=True` the server runs with
 --test-hold-dir, and a test can hold every model call (or loading, or export) until it releases it.
+
+A ServerProcess is a context manager, and kill() ends the server and everything it started (--workers' workers,
+which put themselves in process groups of their own, too) whenever it is called, as often as it is called: a test
+that fails never leaves one behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,11 +24,15 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+
+from server.hold import POINTS
+from tests.helpers import procs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 START_SECONDS = 180  # a fresh repository is exported first; a loaded 2-core machine is slow at it
@@ -75,6 +84,12 @@ class ServerProcess:
             *hold_args,
             *args,
         ]  # fmt: skip
+        self.log: list[str] = []
+        self._log_done = threading.Event()
+        self._channels: list[grpc.Channel] = []  # closed by stop() and kill()
+        self._workers: list[procs.Process] = []  # the port file's server pids other than the server's own
+        # A session of its own: a signal meant for pytest's terminal does not reach the server, and what it starts
+        # without a group of its own (multiprocessing's resource tracker) is in the server's process group.
         self.process = subprocess.Popen(
             command,
             cwd=REPO_ROOT,
@@ -82,17 +97,31 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
-        self.log: list[str] = []
-        self._log_done = threading.Event()
-        threading.Thread(target=self._read_log, daemon=True).start()
-        ports = self._wait_ports()
-        self.port: int = ports["grpc_port"]
-        self.metrics_port: int | None = ports["metrics_port"]
-        self.server_pids: list[int] = ports["server_pids"]
-        self.target = f"127.0.0.1:{self.port}"
-        self.channel = grpc.insecure_channel(self.target)
-        self.health_seen: list[str] = []
+        try:
+            threading.Thread(target=self._read_log, name=f"server-log-{self.process.pid}", daemon=True).start()
+            ports = self._wait_ports()
+            self.port: int = ports["grpc_port"]
+            self.metrics_port: int | None = ports["metrics_port"]
+            self.server_pids: list[int] = ports["server_pids"]
+            others = (procs.process(pid) for pid in self.server_pids if pid != self.process.pid)
+            self._workers = [seen for seen in others if seen is not None]  # killed by kill() even once orphaned
+            self.target = f"127.0.0.1:{self.port}"
+            self.channel = grpc.insecure_channel(self.target)
+            self._channels.append(self.channel)
+            self.health_seen: list[str] = []
+        except BaseException:
+            self.kill()
+            raise
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.kill()
 
     def _read_log(self) -> None:
         assert self.process.stderr is not None
@@ -104,7 +133,6 @@ class ServerProcess:
         deadline = time.monotonic() + START_SECONDS
         while not self.port_file.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
                 raise RuntimeError("server did not start listening:\n" + self.log_text())
             time.sleep(0.01)
         return json.loads(self.port_file.read_text())
@@ -182,27 +210,42 @@ class ServerProcess:
             self.release(point)
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> int:
-        self.channel.close()
+        """Signal the server (the supervisor, with --workers: it forwards) and wait for its exit code."""
+        self._close_channels()
         if self.process.poll() is None:
             self.process.send_signal(signum)
         return self.process.wait(timeout)
 
     def kill(self) -> None:
+        """SIGKILL the server, every process it started (its workers: those it has now, and those the port file
+        named, should they have outlived it) and its process group; reap it and close the channel. Idempotent,
+        and safe on a server that failed to start or has exited already."""
         if self.hold_dir is not None:
-            for point in ("predict", "load", "export"):
+            for point in POINTS:
                 self.release(point)
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+        if self.process.returncode is None:  # not reaped: its pid is still its own, and its children its children
+            procs.kill_tree(self.process.pid, self._workers)
+        else:
+            for worker in self._workers:
+                procs.kill(worker)
+        # Once the server is reaped its pid stays taken while its group has a member: a live process with that pid
+        # is someone else's (and our group empty); without one, the group, if any, is ours.
+        if self.process.returncode is None or not Path(f"/proc/{self.process.pid}").exists():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+        self._log_done.wait(10)  # every process that held the log pipe is gone: the reader ends
+        self._close_channels()
+
+    def _close_channels(self) -> None:
+        while self._channels:
+            self._channels.pop().close()
 
 
 @contextmanager
 def serving(repository: Path, args: Sequence[str] = (), **options: Any) -> Iterator[ServerProcess]:
     """A server started and SERVING for the body of a `with` block (ServerProcess's `options`: holds, held, env),
     killed after it, whatever happens."""
-    server = ServerProcess(repository, args, **options)
-    try:
+    with ServerProcess(repository, args, **options) as server:
         server.wait_serving()
         yield server
-    finally:
-        server.kill()
