@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.device import select_device
-from server.runtime import ModelRuntime
+from server.runtimes.device import select_device
+from server.runtimes.savedmodel import ModelRuntime
 
 BATCH_SIZES = {"multi_input": (1, 8, 64, 256), "residual_cnn": (1, 8, 32, 64, 128)}
 

@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON file (default: bench/results/lifecycle-<time>.json)")
     args = parser.parse_args()
     from models.registry import BUILTIN_MODELS
-    from server import repository
+    from server.registry import repository
 
     with tempfile.TemporaryDirectory() as scratch:
         repo = Path(scratch) / "repository"

@@ -104,7 +104,7 @@ def decode_costs(repeat: int = 200) -> dict:
     from tritonclient.grpc import service_pb2
 
     from modelserver.v1 import modelserver_pb2
-    from server import oip_codec
+    from server.protocols.oip import codec as oip_codec
 
     image = np.random.default_rng(0).random((CNN_ROWS, 28, 28, 1), dtype=np.float32)
     typed_bytes = modelserver_pb2.PredictResidualCnnRequest(image=image.ravel().tolist()).SerializeToString()

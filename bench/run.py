@@ -35,7 +35,7 @@ from tests.helpers.server import ServerProcess  # noqa: E402
 CONCURRENCIES = (1, 4, 16, 64, 256)
 CNN_ROWS = 32
 CNN_BULK_CONCURRENCY = 8
-OTHER_POLICIES = ("fixed",)  # the default policy is "cost" (server/batch_policy.py)
+OTHER_POLICIES = ("fixed",)  # the default policy is "cost" (server/batching/policy.py)
 MAIN_VARIANTS = ("echo", "plain", "unbatched", "batched")
 OPEN_LOOP_SHARES = (0.1, 0.25, 0.5)
 

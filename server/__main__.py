@@ -22,20 +22,20 @@ for _signum in (signal.SIGTERM, signal.SIGINT):
 import asyncio  # noqa: E402
 import logging  # noqa: E402
 
-from server.tf_logging import quiet_tensorflow_logs  # noqa: E402
+from server.base.tf_logging import quiet_tensorflow_logs  # noqa: E402
 
 quiet_tensorflow_logs()  # before anything imports TensorFlow
 
-from server.hold import HoldPoints  # noqa: E402
+from server.base.hold import HoldPoints  # noqa: E402
 from server.settings import configure_logging, parse_settings  # noqa: E402
-from server.workers import Supervisor, worker_count  # noqa: E402
+from server.workers.supervisor import Supervisor, worker_count  # noqa: E402
 
 
 def main() -> int:
     settings = parse_settings()
     configure_logging(settings.log_level)
     workers = worker_count(settings.workers)
-    if workers > 1:  # --workers: a supervisor and spawned server processes on one port (server/workers.py)
+    if workers > 1:  # --workers: a supervisor and spawned server processes on one port (server/workers/supervisor.py)
         return Supervisor(settings, workers).run()
     HoldPoints(settings.test_hold_dir).wait("import")  # tests: a signal before TensorFlow is imported
     from server.app import serve  # here, so that a supervisor never imports TensorFlow (server.app brings it)
@@ -43,7 +43,7 @@ def main() -> int:
     code = asyncio.run(serve(settings))
     # Stopped (drained, or stopped while starting): exit now. A signal during start-up leaves an export or a model
     # load running on a worker thread, which cannot be interrupted and which the interpreter's exit would wait for;
-    # nothing else worth waiting for remains (as in server/workers.py).
+    # nothing else worth waiting for remains (as in server/workers/supervisor.py).
     logging.shutdown()
     sys.stdout.flush()
     os._exit(code)

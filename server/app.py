@@ -18,21 +18,24 @@ from grpc_reflection.v1alpha import reflection
 
 from models.registry import BUILTIN_MODELS
 from modelserver.v1 import modelserver_pb2
-from server import metrics, oip_service, repository, tfserving_service
-from server.admission import AdmissionControl
-from server.batching import Batcher
-from server.device import select_device
-from server.drain import MARK_METHOD, DrainMarker
-from server.grpc_service import ModelService
-from server.health import HealthService
-from server.hold import HoldPoints
-from server.inference import InferenceService
-from server.keras_runtime import KerasRuntime
-from server.manager import ModelManager, Phase
-from server.ports import write_port_file
-from server.rpc import add_service
-from server.runtime import ModelRuntime
-from server.security import BearerTokenInterceptor
+from server.base import metrics
+from server.base.hold import HoldPoints
+from server.base.ports import write_port_file
+from server.batching.batcher import Batcher
+from server.dataplane.admission import AdmissionControl
+from server.dataplane.inference import InferenceService
+from server.grpc import oip as oip_service
+from server.grpc import tfserving as tfserving_service
+from server.grpc.drain import MARK_METHOD, DrainMarker
+from server.grpc.health import HealthService
+from server.grpc.rpc import add_service
+from server.grpc.security import BearerTokenInterceptor
+from server.grpc.typed import ModelService
+from server.registry import repository
+from server.registry.manager import ModelManager, Phase
+from server.runtimes.device import select_device
+from server.runtimes.keras import KerasRuntime
+from server.runtimes.savedmodel import ModelRuntime
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -191,7 +194,7 @@ async def _drain(settings: Settings, server: grpc.aio.Server, core: InferenceSer
 
 
 async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callable[[str], None] | None = None) -> int:
-    """Run the server until SIGTERM/SIGINT; returns the process exit code. As one of --workers (server/workers.py)
+    """Run the server until SIGTERM/SIGINT; returns the process exit code. As one of --workers (server/workers/)
     it shares the port (`reuse_port`) and tells its supervisor when it is "listening" and "serving" (`notify`)."""
     started = time.perf_counter()
     try:
@@ -305,7 +308,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callabl
         # Still exporting, loading or warming up: no call has been accepted (model calls get UNAVAILABLE until
         # SERVING), so stop at once. The export or load on the executor cannot be interrupted and is not waited
         # for: the caller ends the process (server/__main__.py); an export's staging folder is never loaded and
-        # the next start removes it (server/repository.py).
+        # the next start removes it (server/registry/repository.py).
         log.info("signal received while starting: stopping now, nothing accepted yet")
         starting.cancel()
         await server.stop(0)

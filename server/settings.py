@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.batching_config import SETTINGS as BATCHING_SETTINGS
-from server.batching_config import BatchingConfig, flag_name, parse_bool
-from server.version_policy import VersionPolicy, parse_model_policies
+from server.batching.config import SETTINGS as BATCHING_SETTINGS
+from server.batching.config import BatchingConfig, flag_name, parse_bool
+from server.registry.version_policy import VersionPolicy, parse_model_policies
 
 ENV_PREFIX = "MODELSERVER_"
 MIB = 1 << 20
@@ -178,7 +178,7 @@ class Settings:
         _model_batching,
     )
     # The server-wide batching settings given by their flags (--batching, --max-batch-size, ...: one per field of
-    # server.batching_config.BatchingConfig, which defines them), by field name.
+    # server.batching.config.BatchingConfig, which defines them), by field name.
     batching_defaults: dict[str, Any] = field(default_factory=dict, metadata={"flag": False})
 
     def validate(self) -> list[str]:
@@ -287,7 +287,7 @@ class _Flag:
 
 
 def _flags() -> list[_Flag]:
-    """Every flag: one per Settings field, then one per batching setting (defined in server/batching_config.py)."""
+    """Every flag: one per Settings field, then one per batching setting (defined in server/batching/config.py)."""
     flags = [
         _Flag(f.name, f.metadata["help"], f.metadata["default"], f.metadata["parse"])
         for f in dataclasses.fields(Settings)

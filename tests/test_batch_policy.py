@@ -8,7 +8,7 @@ import heapq
 
 import pytest
 
-from server.batch_policy import STALE_SECONDS, ArrivalRate, CostModel, Limits, QueueState, decide
+from server.batching.policy import STALE_SECONDS, ArrivalRate, CostModel, Limits, QueueState, decide
 
 LIMITS = Limits(max_batch_size=64, batch_timeout=0.01, slots=2)
 

@@ -18,21 +18,21 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from server.admission import AdmissionControl
-from server.batching import Batcher, BatchingConfig, default_batch_sizes
-from server.errors import (
+from server.base.errors import (
     DeadlineExpiredError,
     InvalidInputError,
     ModelNotFoundError,
     OverloadedError,
     UnavailableError,
 )
-from server.inference import InferenceService
-from server.manager import ModelManager, Phase
-from server.repository import export_saved_model
-from server.runtime import ModelRuntime
-from server.status import to_status
-from server.version_policy import VersionPolicy
+from server.batching.batcher import Batcher, BatchingConfig, default_batch_sizes
+from server.dataplane.admission import AdmissionControl
+from server.dataplane.inference import InferenceService
+from server.grpc.status import to_status
+from server.registry.manager import ModelManager, Phase
+from server.registry.repository import export_saved_model
+from server.registry.version_policy import VersionPolicy
+from server.runtimes.savedmodel import ModelRuntime
 
 MODEL = "multi_input"
 
@@ -429,7 +429,7 @@ class WarmUpRecorder:
 def test_warm_up_runs_and_logs_every_allowed_batch_size(executor, real_runtime, caplog, settings, sizes):
     """The log line the server test reads (test_api) says exactly which sizes were run."""
     recorder = WarmUpRecorder(real_runtime)
-    with caplog.at_level("INFO", logger="server.batching"):
+    with caplog.at_level("INFO", logger="server.batching.batcher"):
         make_batcher(executor, **settings).warm_up(recorder)
     assert recorder.warmed == sizes
     assert f"warmed up {MODEL} at batch sizes {', '.join(map(str, sizes))}" in caplog.messages

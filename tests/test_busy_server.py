@@ -122,7 +122,7 @@ def test_cancelled_and_expired_queued_requests_are_counted_with_their_codes(busy
     """A request cancelled by its client and one whose deadline passes, both while queued behind a held model
     call: each is counted with its real code (CANCELLED, DEADLINE_EXCEEDED; never OK), each is dropped from the
     queue under its own reason, and neither reaches the model. The deadline is counted as such only if the gRPC
-    deadline reaches the core (server.rpc.deadline_of); else the batcher only sees a cancelled request."""
+    deadline reaches the core (server.grpc.rpc.deadline_of); else the batcher only sees a cancelled request."""
     method = "PredictMultiInput"
     before = Metrics(busy_server)
     # The holder takes multi_input's one batch slot and is held inside the model; the next ones stay queued.

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from compose_spec import PyCompose
 
-from server import repository
+from server.registry import repository
 from tests.helpers.deploy_files import (
     COMPOSE_OVERRIDES,
     KUBERNETES,

@@ -23,7 +23,7 @@ import pytest
 from models.registry import BUILTIN_MODELS
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
-from server import repository
+from server.registry import repository
 from tests.helpers.models import keras_outputs, random_inputs
 from tests.helpers.server import REPO_ROOT, ServerProcess
 

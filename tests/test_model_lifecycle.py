@@ -1,4 +1,4 @@
-"""Model lifecycle (server/manager.py): new versions served without a restart or a failed call, broken and
+"""Model lifecycle (server/registry/manager.py): new versions served without a restart or a failed call, broken and
 half-written versions harmless, one answer to "is it ready?" from every protocol, repository control, version
 policies, and `.keras` files. Real servers on real repositories; the test holds loading or the model where a
 moment matters, and otherwise waits (bounded) for what the server reports."""
@@ -29,7 +29,7 @@ from tritonclient.utils import InferenceServerException
 from models.registry import BUILTIN_MODELS
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
-from server import repository
+from server.registry import repository
 from tests.helpers.backoff import Backoff
 from tests.helpers.models import keras_outputs
 from tests.helpers.server import REPO_ROOT, ServerProcess

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from models.registry import BUILTIN_MODELS
-from server import repository
-from server.runtime import ModelRuntime
+from server.registry import repository
+from server.runtimes.savedmodel import ModelRuntime
 from tests.helpers.models import random_inputs
 
 EXPECTED_SIGNATURES = {

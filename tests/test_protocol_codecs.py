@@ -10,8 +10,9 @@ import tensorflow as tf
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-from server import oip_codec, tfserving_codec
-from server.errors import InvalidInputError
+from server.base.errors import InvalidInputError
+from server.protocols.oip import codec as oip_codec
+from server.protocols.tfserving import codec as tfserving_codec
 
 NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
 

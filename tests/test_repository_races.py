@@ -25,7 +25,7 @@ from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from models.registry import BUILTIN_MODELS
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
-from server import repository
+from server.registry import repository
 from tests.helpers.models import keras_outputs
 from tests.helpers.server import ServerProcess
 

@@ -1,4 +1,4 @@
-"""Repository scans while folders change under them (server/repository.py, server/manager.py): a listing that
+"""Repository scans while folders change under them (server/registry/): a listing that
 could not be read completely is no news, and no scan, however unlucky, leaves a model that is on disk without a
 serving version. No TensorFlow here: the version folders are stand-ins and the manager loads them with a stand-in
 loader, so that thousands of scans race thousands of folder changes in seconds."""
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from server import repository
-from server.manager import ModelManager, Phase, State
-from server.version_policy import VersionPolicy
+from server.registry import repository
+from server.registry.manager import ModelManager, Phase, State
+from server.registry.version_policy import VersionPolicy
 
 ASSET_FOLDERS = 30  # a version whose walk takes long enough for a deletion to overtake it
 CHANGES = 40  # publish-and-delete rounds per test

@@ -18,9 +18,11 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from server import oip_codec, tensors, tfserving_codec
-from server.errors import InvalidInputError
-from server.tensors import TensorSpec
+from server.base import tensors
+from server.base.errors import InvalidInputError
+from server.base.tensors import TensorSpec
+from server.protocols.oip import codec as oip_codec
+from server.protocols.tfserving import codec as tfserving_codec
 from tests.helpers.server import ServerProcess
 
 MAX_ROWS = 4096  # the server's default --max-queued-rows: rows per request at most

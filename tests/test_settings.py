@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from modelserver.v1 import modelserver_pb2 as pb
-from server.batching_config import SETTINGS as BATCHING_SETTINGS
-from server.batching_config import BatchingConfig, flag_name
+from server.base.tf_logging import nvidia_driver_present
+from server.batching.config import SETTINGS as BATCHING_SETTINGS
+from server.batching.config import BatchingConfig, flag_name
 from server.settings import Settings, build_parser, parse_settings
-from server.tf_logging import nvidia_driver_present
 from tests.helpers.server import REPO_ROOT
 
 
@@ -149,7 +149,7 @@ def test_tensorflow_probing_for_a_gpu_logs_no_error_where_there_is_none():
     the server sets TensorFlow's log level before importing it so that a CPU start logs no error."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     code = (
-        "from server.tf_logging import quiet_tensorflow_logs; quiet_tensorflow_logs()\n"
+        "from server.base.tf_logging import quiet_tensorflow_logs; quiet_tensorflow_logs()\n"
         "import os, tensorflow as tf\n"
         "print(os.environ['TF_CPP_MIN_LOG_LEVEL'], len(tf.config.list_physical_devices('GPU')))"
     )

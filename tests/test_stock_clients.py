@@ -35,7 +35,7 @@ from tensorflow_serving.apis import (
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
-from server.runtime import load_failure
+from server.runtimes.savedmodel import load_failure
 from tests.helpers.server import serving
 
 SIMPLE_INT_TYPES = [("simple", "INT32", np.int32), ("simple_int8", "INT8", np.int8)]

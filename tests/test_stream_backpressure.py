@@ -26,7 +26,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from server.oip_service import (
+from server.grpc.oip import (
     STREAM_BUFFER_BYTES,
     STREAM_MESSAGE_OVERHEAD,
     _held_bytes,

@@ -1,4 +1,4 @@
-"""Packed `repeated float` fields read straight from a request's bytes (server/rpc.py) equal what the message holds,
+"""Packed `repeated float` fields read straight from a request's bytes (grpc/rpc.py) equal what the message holds,
 however the sender framed them: packed in one piece or several, unpacked, empty, beside other fields."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from modelserver.v1 import modelserver_pb2 as pb
-from server.rpc import MalformedRequest, WithFloats, _safe_decoder, packed_floats
+from server.grpc.rpc import MalformedRequest, WithFloats, _safe_decoder, packed_floats
 
 
 def decode(message_class, data: bytes):

@@ -1,4 +1,4 @@
-"""--workers N (server/workers.py): several server processes on one port, as one server to its clients, its
+"""--workers N (server/workers/supervisor.py): several server processes on one port, as one server to its clients, its
 metrics scrape and its orchestrator. Every call is counted on the client side."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelserver.v1 import modelserver_pb2 as pb
 from server.settings import parse_settings
-from server.workers import reserve_port, worker_count
+from server.workers.supervisor import reserve_port, worker_count
 from tests.helpers.drain import CALLERS, drain_round
 from tests.helpers.models import keras_outputs, random_inputs
 from tests.helpers.server import ServerProcess
@@ -138,7 +138,7 @@ def test_sigterm_under_load_drains_every_worker_and_exits_zero(workers):
     outcomes, _ = asyncio.run(
         drain_round(workers, request, expected=float("nan"), channels=CHANNELS, stop_when_refused=True)
     )
-    # 0 only when every worker drained and exited by itself (server/workers.py, _on_exit).
+    # 0 only when every worker drained and exited by itself (server/workers/supervisor.py, _on_exit).
     assert workers.process.wait(60) == 0, workers.log_text()
     before = {(code, n) for (when, code), n in outcomes.items() if when == "before"}
     assert before == {("OK", CALLERS)}, outcomes

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import sys
 
-from server.tf_logging import quiet_tensorflow_logs
+from server.base.tf_logging import quiet_tensorflow_logs
 
 quiet_tensorflow_logs()  # before anything imports TensorFlow
 
 from models.registry import BUILTIN_MODELS  # noqa: E402
-from server import repository  # noqa: E402
+from server.registry import repository  # noqa: E402
 from server.settings import parse_settings  # noqa: E402
 
 

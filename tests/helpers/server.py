@@ -31,7 +31,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.hold import POINTS
+from server.base.hold import POINTS
 from tests.helpers import procs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent

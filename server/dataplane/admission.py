@@ -20,7 +20,7 @@ from collections.abc import Callable
 from grpc_channelz.v1 import channelz_pb2
 from grpc_channelz.v1.channelz import ChannelzServicer
 
-from server.errors import OverloadedError
+from server.base.errors import OverloadedError
 
 log = logging.getLogger(__name__)
 

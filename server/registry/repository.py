@@ -263,7 +263,7 @@ def scan(repository: Path) -> Listing:
     """Every version folder of the repository that holds a model (a SavedModel or a model.keras file), by model
     name, each with its fingerprint. Hidden folders (staging, damaged copies, a copy in progress that will be
     renamed into place) are skipped. Whether a version is complete is decided by its loader: a manifest must
-    match, and a folder without one must have stopped changing (server/manager.py)."""
+    match, and a folder without one must have stopped changing (server/registry/manager.py)."""
     try:
         model_dirs = sorted(p for p in repository.iterdir() if not p.name.startswith(".") and p.is_dir())
     except OSError as error:  # absent (an unmounted volume?) or unreadable: no news about any model

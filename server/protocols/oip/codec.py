@@ -1,4 +1,4 @@
-"""Open Inference Protocol (KServe v2) messages <-> numpy: every conversion for `server/oip_service.py`.
+"""Open Inference Protocol (KServe v2) messages <-> numpy: every conversion for `server/grpc/oip.py`.
 
 Tensors arrive either typed (`contents`, one repeated field per datatype) or raw (`raw_input_contents`:
 little-endian bytes, BYTES elements as a 4-byte length and the bytes). Raw bytes decode without a copy
@@ -18,8 +18,8 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
-from server.errors import InvalidInputError, quoted, quoted_list
-from server.tensors import InputLimits, TensorSpec, declared_elements, shape_text
+from server.base.errors import InvalidInputError, quoted, quoted_list
+from server.base.tensors import InputLimits, TensorSpec, declared_elements, shape_text
 
 # The protocol's datatypes, and the numpy dtype each one is (little-endian on the wire).
 DATATYPES: dict[str, np.dtype] = {

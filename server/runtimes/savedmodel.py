@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.errors import InvalidInputError
-from server.tensors import TensorSpec
+from server.base.errors import InvalidInputError
+from server.base.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """TensorFlow Serving's servicers (`tensorflow.serving.PredictionService` Predict and GetModelMetadata,
 `tensorflow.serving.ModelService` GetModelStatus): decode, hand to the core, encode, so existing TF Serving
-clients switch by changing the address. Conversions live in `server/tfserving_codec.py`.
+clients switch by changing the address. Conversions live in `server/protocols/tfserving/codec.py`.
 
 An unknown model or version is answered with TF Serving's own words first ("Servable not found for request",
 "Could not find any versions of model"), then ours; the methods we do not offer (Classify, Regress,
@@ -22,18 +22,18 @@ from tensorflow_serving.apis import (
     prediction_service_pb2,
 )
 
-from server import tfserving_codec as tfs
-from server.errors import InvalidInputError, ModelNotFoundError, quoted_list
-from server.inference import InferenceService
-from server.manager import Phase
-from server.metrics import REQUESTS
-from server.rpc import deadline_of, rpc
+from server.base.errors import InvalidInputError, ModelNotFoundError, quoted_list
+from server.base.metrics import REQUESTS
+from server.dataplane.inference import InferenceService
+from server.grpc.rpc import deadline_of, rpc
+from server.protocols.tfserving import codec as tfs
+from server.registry.manager import Phase
 
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]
 MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"]
 
 _State = get_model_status_pb2.ModelVersionStatus.State
-# A version's state (server/manager.py) in TF Serving's terms; a failed version is END with its error, as there.
+# A version's state (registry/manager.py) in TF Serving's terms; a failed version is END with its error, as there.
 _STATES = {
     "start": _State.START,
     "loading": _State.LOADING,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from server.repository import KERAS_FILE
-from server.runtime import ModelRuntime
-from server.tensors import TensorSpec
+from server.base.tensors import TensorSpec
+from server.registry.repository import KERAS_FILE
+from server.runtimes.savedmodel import ModelRuntime
 
 
 class KerasRuntime(ModelRuntime):

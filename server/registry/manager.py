@@ -30,10 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server import metrics, repository
-from server.errors import ModelNotFoundError, UnavailableError, quoted
-from server.runtime import ModelRuntime, load_failure
-from server.version_policy import VersionPolicy
+from server.base import metrics
+from server.base.errors import ModelNotFoundError, UnavailableError, quoted
+from server.registry import repository
+from server.registry.version_policy import VersionPolicy
+from server.runtimes.savedmodel import ModelRuntime, load_failure
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class ModelManager:
     # -- the server's phase -----------------------------------------------------------------------
 
     def heap_frozen(self) -> None:
-        """The start-up heap was just frozen (server.metrics.freeze_startup_heap): so were the loaded versions."""
+        """The start-up heap was just frozen (server.base.metrics.freeze_startup_heap): so were the loaded versions."""
         for model in self._models.values():
             for entry in model.versions.values():
                 entry.frozen = entry.runtime is not None

@@ -6,7 +6,7 @@ import logging
 
 import grpc
 
-from server.errors import (
+from server.base.errors import (
     DeadlineExpiredError,
     InvalidInputError,
     ModelNotFoundError,

@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
-from server.metrics import REQUESTS
-from server.rpc import HANDLER_KINDS
+from server.base.metrics import REQUESTS
+from server.grpc.rpc import HANDLER_KINDS
 
 _MESSAGE = "missing or invalid bearer token: send the metadata 'authorization: Bearer TOKEN'"
 

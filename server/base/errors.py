@@ -1,4 +1,4 @@
-"""The core's errors. The core knows nothing of gRPC; server/status.py maps these to status codes."""
+"""The core's errors. The core knows nothing of gRPC; server/grpc/status.py maps these to status codes."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import InvalidInputError, quoted
+from server.base.errors import InvalidInputError, quoted
 
 
 @dataclass(frozen=True)

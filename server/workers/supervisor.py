@@ -7,7 +7,7 @@ TensorFlow is not fork-safe (kserve/kserve#2393: forked workers hang with a Kera
 imports TensorFlow itself: a spawned helper exports the built-in models once, before any worker starts.
 
 Each worker is the ordinary server (server/app.py) with its own health service, batcher and drain; the
-supervisor serves the summed metrics (server/worker_metrics.py), forwards SIGTERM/SIGINT to every worker as
+supervisor serves the summed metrics (server/workers/metrics.py), forwards SIGTERM/SIGINT to every worker as
 SIGTERM and exits 0 once all have drained. A worker that dies ends the server: the others drain and the
 supervisor exits 1, so that the orchestrator restarts it whole (see README, Workers).
 """
@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from server.ports import write_port_file
+from server.base.ports import write_port_file
 from server.settings import Settings, configure_logging
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _export(settings: Settings) -> None:
     """Spawned helper: export the built-in models missing from the repository, as a lone server would."""
     configure_logging(settings.log_level)
     from server.app import _prepare_repository
-    from server.hold import HoldPoints
+    from server.base.hold import HoldPoints
 
     try:
         _prepare_repository(settings, HoldPoints(settings.test_hold_dir))
@@ -214,8 +214,8 @@ class Supervisor:
     def _serve_metrics(self, metrics_dir: Path) -> bool:
         if not self.settings.metrics:
             return True
-        from server.metrics import serve_metrics
-        from server.worker_metrics import supervisor_registry
+        from server.base.metrics import serve_metrics
+        from server.workers.metrics import supervisor_registry
 
         registry = supervisor_registry(metrics_dir, self._running, self._started, self._serving)
         try:

@@ -1,6 +1,6 @@
 """The modelserver.v1.ModelService servicer: decode, hand to the core, encode. Nothing else.
 
-Every RPC goes through `server.rpc.rpc`, which maps core errors to status codes and records the request
+Every RPC goes through `server.grpc.rpc.rpc`, which maps core errors to status codes and records the request
 metrics with the final code, cancellations and deadlines included.
 """
 
@@ -11,9 +11,9 @@ import numpy as np
 
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
-from server.inference import InferenceService, ModelMetadata
-from server.rpc import WithFloats, deadline_of, rpc
-from server.tensors import TensorSpec
+from server.base.tensors import TensorSpec
+from server.dataplane.inference import InferenceService, ModelMetadata
+from server.grpc.rpc import WithFloats, deadline_of, rpc
 
 
 def _tensor_spec(spec: TensorSpec, batched: bool) -> pb.TensorSpec:

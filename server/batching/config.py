@@ -1,7 +1,7 @@
 """One model's batching settings, each defined once: its name (the --model-batching key), its server-wide flag,
 default, help, parsing, validation and its field in GetModelMetadata's BatchingSettings all come from its field
-below. server/settings.py makes the flags and --model-batching keys from these fields, server/grpc_service.py the
-metadata message, server/oip_service.py Triton's ModelConfig; none of them names a setting on its own.
+below. server/settings.py makes the flags and --model-batching keys from these fields, server/grpc/typed.py the
+metadata message, server/grpc/oip.py Triton's ModelConfig; none of them names a setting on its own.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each request becomes tasks of at most max_batch_size rows (one task when its rows cannot be joined with others':
 batching off, or inputs of variable size), each with its own future, in its version's queue. Whenever a request
-arrives, a batch finishes or a wait runs out, the policy (server/batch_policy.py: a pure function of the queue,
+arrives, a batch finishes or a wait runs out, the policy (server/batching/policy.py: a pure function of the queue,
 the model's measured cost and the clock) says whether a batch runs now.
 
 Every model call, of a lone request or a full batch, batching on or off, goes through one path (Ray Serve's
@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server import metrics
-from server.batch_policy import ArrivalRate, CostModel, Limits, QueueState, decide
-from server.batching_config import BatchingConfig, default_batch_sizes
-from server.errors import DeadlineExpiredError, InvalidInputError, OverloadedError
-from server.runtime import ModelRuntime
+from server.base import metrics
+from server.base.errors import DeadlineExpiredError, InvalidInputError, OverloadedError
+from server.batching.config import BatchingConfig, default_batch_sizes
+from server.batching.policy import ArrivalRate, CostModel, Limits, QueueState, decide
+from server.runtimes.savedmodel import ModelRuntime
 
 __all__ = ["CANCEL_NEAR_DEADLINE", "Batcher", "BatchingConfig", "default_batch_sizes"]
 
@@ -128,7 +128,7 @@ class _ModelQueue:
 
 
 class Batcher:
-    """A Runner (see server.inference) that batches requests per model version; create it inside the running
+    """A Runner (see server.dataplane.inference) that batches requests per model version; create it inside the running
     loop."""
 
     def __init__(
@@ -153,7 +153,7 @@ class Batcher:
         log.info("warmed up %s at batch sizes %s", runtime.name, ", ".join(map(str, sizes)))
 
     async def retire(self, runtime: ModelRuntime) -> None:
-        """A retired model version (server/manager.py): once nothing is queued or running on it, its queue stops
+        """A retired model version (registry/manager.py): once nothing is queued or running on it, its queue stops
         (no timer left) and is forgotten. Called when no request holds the version any more."""
         queue = self._queues.get((runtime.name, runtime.version))
         if queue is None:
@@ -174,7 +174,7 @@ class Batcher:
     def seconds_per_call(self) -> float | None:
         """What one more 1-row call costs the server now, from the cost models: its share of a full batch (what
         runs under overload) plus its request work, for the costliest model measured (None before any call was
-        timed). Admission control's back-off hint (server/admission.py)."""
+        timed). Admission control's back-off hint (server/dataplane/admission.py)."""
         costs = []
         for queue in self._queues.values():
             if queue.cost.by_size:

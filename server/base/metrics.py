@@ -2,7 +2,7 @@
 
 Served by prometheus_client's own HTTP server; the default registry brings the process collectors. With
 --workers N each worker writes its values to prometheus_client's multiprocess files and the supervisor serves
-their sum (server/workers.py); `multiprocess_mode` says how each gauge combines across workers.
+their sum (server/workers/supervisor.py); `multiprocess_mode` says how each gauge combines across workers.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ BATCH_SIZE = Histogram(
 )
 BATCHES = Counter(
     "modelserver_batches",
-    "Model calls, by why each ran (server/batch_policy.py): full (max_batch_size rows), idle (a batch slot was "
+    "Model calls, by why each ran (server/batching/policy.py): full (max_batch_size rows), idle (a batch slot was "
     "free and waiting would not pay), waited (the wait for more rows ended: batch_timeout, or arrivals stopped), "
     "deadline (a queued deadline allowed no more waiting), unbatched (batching off: one request per call).",
     ["model", "reason"],

@@ -1,4 +1,4 @@
-"""TensorFlow Serving messages <-> numpy: every conversion for `server/tfserving_service.py`.
+"""TensorFlow Serving messages <-> numpy: every conversion for `server/grpc/tfserving.py`.
 
 A TensorProto carries its values either packed (`tensor_content`: little-endian bytes, what
 `tf.make_tensor_proto` writes for numbers) or in a typed field (`float_val`, `int_val`, `string_val`, ...,
@@ -18,8 +18,8 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
 
-from server.errors import MAX_ECHOED_CHARS, InvalidInputError, ModelNotFoundError, quoted
-from server.tensors import MAX_FILL_ELEMENTS, InputLimits, TensorSpec, declared_elements, shape_text
+from server.base.errors import MAX_ECHOED_CHARS, InvalidInputError, ModelNotFoundError, quoted
+from server.base.tensors import MAX_FILL_ELEMENTS, InputLimits, TensorSpec, declared_elements, shape_text
 
 SIGNATURE = "serving_default"
 METHOD_NAME = "tensorflow/serving/predict"

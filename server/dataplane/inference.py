@@ -1,5 +1,5 @@
 """The transport-free core: validates requests, runs them on the version the model manager resolves, tracks
-in-flight work, and answers the protocols' questions about models from the manager (server/manager.py), the one
+in-flight work, and answers the protocols' questions about models from the manager (server/registry/manager.py), the one
 owner of model state.
 
 gRPC servicers call this and only convert messages; nothing here imports grpc. A runner (the
@@ -19,19 +19,19 @@ from typing import Protocol, TypeVar
 import numpy as np
 from prometheus_client import REGISTRY
 
-from server import metrics
-from server.batch_policy import CostModel
-from server.batching_config import BatchingConfig
-from server.errors import InvalidInputError, OverloadedError, UnavailableError
-from server.manager import ACCEPTING, ModelManager, Phase, State, Version
-from server.runtime import ModelRuntime
-from server.tensors import InputLimits, TensorSpec, check_finite_outputs, rows_from_flat, validate_inputs
+from server.base import metrics
+from server.base.errors import InvalidInputError, OverloadedError, UnavailableError
+from server.base.tensors import InputLimits, TensorSpec, check_finite_outputs, rows_from_flat, validate_inputs
+from server.batching.config import BatchingConfig
+from server.batching.policy import CostModel
+from server.registry.manager import ACCEPTING, ModelManager, Phase, State, Version
+from server.runtimes.savedmodel import ModelRuntime
 
 T = TypeVar("T")
 
 
 class Runner(Protocol):
-    """Runs validated inputs of `rows` rows on a model and returns its outputs (server.batching.Batcher).
+    """Runs validated inputs of `rows` rows on a model and returns its outputs (server.batching.batcher.Batcher).
 
     `deadline` is a time.monotonic() value; work whose deadline has passed must not reach the model.
     """
@@ -112,7 +112,7 @@ class InferenceService:
         batching_for: Callable[[str], BatchingConfig],
         admit: Callable[[int], None] = lambda in_flight: None,
     ) -> None:
-        """`admit(in_flight)` raises OverloadedError when the server takes no more work (server.admission)."""
+        """`admit(in_flight)` raises OverloadedError when the server takes no more work (server.dataplane.admission)."""
         self.manager = manager
         self._runner = runner
         self._batching_for = batching_for

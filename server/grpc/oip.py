@@ -1,12 +1,12 @@
 """The Open Inference Protocol servicer (`inference.GRPCInferenceService`, KServe v2 / Triton): decode, hand to
-the core, encode. Conversions live in `server/oip_codec.py`; validation, batching and metrics are the core's.
+the core, encode. Conversions live in `server/protocols/oip/codec.py`; validation, batching and metrics are the core's.
 
-Unary RPCs go through `server.rpc.rpc`. ModelStreamInfer answers every message of the stream on its own, as
+Unary RPCs go through `server.grpc.rpc.rpc`. ModelStreamInfer answers every message of the stream on its own, as
 it completes (ids tell them apart), with the same status mapping and request metrics per message; an error
 is a message on the stream (`error_message`), the stream goes on. The protocol's extensions that we do not
 offer (shared memory, trace and log settings) answer UNIMPLEMENTED naming the extension and what to do instead,
 rather than gRPC's bare "Method not found!". The model-repository extension is the model manager's
-(server/manager.py): RepositoryIndex always, RepositoryModelLoad/Unload when --repository-control is on.
+(server/registry/manager.py): RepositoryIndex always, RepositoryModelLoad/Unload when --repository-control is on.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Any
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from server import oip_codec as oip
-from server.errors import InvalidInputError, ModelNotFoundError, NotAllowedError, quoted
-from server.inference import InferenceService, ModelMetadata
-from server.manager import ACCEPTING, Phase
-from server.metrics import REQUEST_DURATION, REQUESTS
-from server.rpc import MalformedRequest, deadline_of, rpc
-from server.status import to_status
+from server.base.errors import InvalidInputError, ModelNotFoundError, NotAllowedError, quoted
+from server.base.metrics import REQUEST_DURATION, REQUESTS
+from server.dataplane.inference import InferenceService, ModelMetadata
+from server.grpc.rpc import MalformedRequest, deadline_of, rpc
+from server.grpc.status import to_status
+from server.protocols.oip import codec as oip
+from server.registry.manager import ACCEPTING, Phase
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 # ModelStreamInfer's flow control: a message is held from the moment its request is read until its answer has been
@@ -47,7 +47,7 @@ STREAM_MESSAGE_OVERHEAD = 8 * 1024
 DRAIN_POLL_SECONDS = 0.05
 # The extensions ServerMetadata lists, in Triton's names.
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
-# A version's state in RepositoryIndex, in Triton's words (server/manager.py State -> Triton's ModelReadyState).
+# A version's state in RepositoryIndex, in Triton's words (registry/manager.py State -> Triton's ModelReadyState).
 _INDEX_STATES = {
     "start": "LOADING",
     "loading": "LOADING",

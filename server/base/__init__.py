@@ -1,0 +1,1 @@
+"""What every layer shares: errors, tensor specs, metrics, test hold points."""

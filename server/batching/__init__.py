@@ -1,0 +1,1 @@
+"""The dynamic batcher, its cost-model policy and its settings."""

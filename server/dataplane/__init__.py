@@ -1,0 +1,1 @@
+"""The core every protocol calls: validate, admit, infer, statistics, readiness."""

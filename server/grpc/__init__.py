@@ -1,0 +1,1 @@
+"""The gRPC transport: servicers that decode, call a protocol handler and encode; status map, auth, drain, health."""

@@ -1,0 +1,1 @@
+"""TensorFlow Serving's API: codec and transport-free handlers."""

@@ -1,0 +1,1 @@
+"""What is served: repository scanning, version policies, the model manager."""

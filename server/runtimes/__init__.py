@@ -1,0 +1,1 @@
+"""How a model version runs: SavedModel and .keras runtimes, device placement."""

@@ -1,0 +1,1 @@
+"""--workers: processes sharing one port, and their metrics."""
