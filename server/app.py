@@ -75,7 +75,7 @@ def _open_version(loading: _Loading, found: repository.ModelVersion) -> ModelRun
     return runtime
 
 
-def _prepare_repository(settings: Settings, holds: HoldPoints) -> str:
+def prepare_repository(settings: Settings, holds: HoldPoints) -> str:
     """Pick the device and export missing built-in models (blocking); returns the device."""
     device = select_device(settings.intra_op_threads, settings.inter_op_threads)
     metrics.DEVICE_INFO.labels(device).set(1)
@@ -101,7 +101,7 @@ def _prepare_repository(settings: Settings, holds: HoldPoints) -> str:
 async def _load_all(settings: Settings, manager: ModelManager, loading: _Loading, executor: ThreadPoolExecutor) -> None:
     """Export, load every model's aspired versions, freeze the start-up heap, then serve (and keep polling)."""
     loading.device = await asyncio.get_running_loop().run_in_executor(
-        executor, _prepare_repository, settings, loading.holds
+        executor, prepare_repository, settings, loading.holds
     )
     await manager.sync(initial=True)
     log.info("froze %d startup objects out of the garbage collector's reach", metrics.freeze_startup_heap())

@@ -28,17 +28,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.base import metrics
+from server.base.deadlines import CANCEL_NEAR_DEADLINE
 from server.base.errors import DeadlineExpiredError, InvalidInputError, OverloadedError
 from server.batching.config import BatchingConfig, default_batch_sizes
 from server.batching.policy import ArrivalRate, CostModel, Limits, QueueState, decide
 from server.runtimes.savedmodel import ModelRuntime
 
-__all__ = ["CANCEL_NEAR_DEADLINE", "Batcher", "BatchingConfig", "default_batch_sizes"]
+__all__ = ["Batcher", "BatchingConfig", "default_batch_sizes"]
 
 log = logging.getLogger(__name__)
 
-# A caller's cancellation this close to its deadline is the deadline: the client's clock started before ours.
-CANCEL_NEAR_DEADLINE = 0.05
 _sequence = itertools.count()
 
 

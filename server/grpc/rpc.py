@@ -20,9 +20,9 @@ from google.protobuf.descriptor import FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from server.base.deadlines import CANCEL_NEAR_DEADLINE
 from server.base.errors import InvalidInputError
 from server.base.metrics import REQUEST_DURATION, REQUESTS
-from server.batching.batcher import CANCEL_NEAR_DEADLINE
 from server.grpc.status import to_status
 
 Request = TypeVar("Request")

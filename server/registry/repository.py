@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from server.runtimes.keras import KERAS_FILE
+
 if TYPE_CHECKING:
     import keras
 
@@ -34,7 +36,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "modelserver-manifest.json"
 EXPORT_LOCK = ".export.lock"
 SAVED_MODEL_FILE = "saved_model.pb"
-KERAS_FILE = "model.keras"  # Keras 3's native format: <repository>/<model>/<version>/model.keras
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from server.base.tensors import TensorSpec
-from server.registry.repository import KERAS_FILE
 from server.runtimes.savedmodel import ModelRuntime
+
+KERAS_FILE = "model.keras"  # Keras 3's native format: <repository>/<model>/<version>/model.keras
 
 
 class KerasRuntime(ModelRuntime):

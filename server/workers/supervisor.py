@@ -78,11 +78,11 @@ def reserve_port(host: str, port: int) -> Iterator[int]:
 def _export(settings: Settings) -> None:
     """Spawned helper: export the built-in models missing from the repository, as a lone server would."""
     configure_logging(settings.log_level)
-    from server.app import _prepare_repository
+    from server.app import prepare_repository
     from server.base.hold import HoldPoints
 
     try:
-        _prepare_repository(settings, HoldPoints(settings.test_hold_dir))
+        prepare_repository(settings, HoldPoints(settings.test_hold_dir))
     except Exception as error:
         log.error("cannot export the built-in models into %s: %s", settings.model_repository, error, exc_info=True)
         sys.exit(1)
