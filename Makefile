@@ -25,15 +25,25 @@ run: $(STAMP) $(GENERATED)
 	$(PY) -m server $(ARGS)
 
 test: $(STAMP) $(GENERATED) deploy-tools
-	-@$(MAKE) --no-print-directory $(PERF_ANALYZER)  # best effort: without it tests/test_perf_analyzer.py skips
+	-@$(MAKE) --no-print-directory $(PERF_ANALYZER)  # best effort: without it tests/integration/test_perf_analyzer.py skips
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy  # strict on server/ ([tool.mypy] in pyproject.toml names the files)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Real Prometheus and nginx for the deployment tests, installed from Debian's packages when missing.
 .PHONY: deploy-tools
 deploy-tools:
 	@.ci/install-debian-tools
+
+# One layer of the suite (README, Development): `make test-unit` (no server process; about a minute on 2 cores),
+# `make test-integration` (real servers), `make test-deploy` (the image, compose, nginx, Prometheus, deploy files).
+# `make test` runs all three, after the checks.
+.PHONY: test-unit test-integration test-deploy
+test-unit test-integration: $(STAMP) $(GENERATED)
+	$(PY) -m pytest -m $(@:test-%=%) $(PYTEST_ARGS)
+test-deploy: $(STAMP) $(GENERATED) deploy-tools
+	$(PY) -m pytest -m deploy $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check --fix .
@@ -46,7 +56,7 @@ $(PERF_ANALYZER): bench/perf_analyzer.py | $(STAMP)
 	$(PY) -m bench.perf_analyzer
 
 clean:
-	rm -rf $(VENV) model_repository .pytest_cache .ruff_cache .perf_analyzer
+	rm -rf $(VENV) model_repository .pytest_cache .ruff_cache .mypy_cache .perf_analyzer
 
 # The performance goals as same-run ratios (bench/run.py), then 1 against 2 workers (bench/workers.py).
 bench: $(STAMP) $(GENERATED)
@@ -86,7 +96,7 @@ $(WHEELHOUSE)/.complete: pyproject.toml requirements.lock deploy/docker/requirem
 base-image:
 	@case "$(BASE_IMAGE)" in localhost/*) deploy/podman/make-debian-image python $(BASE_IMAGE);; esac
 
-# Debian's nginx as an image, for the compose stack under podman (tests/test_deploy_compose.py).
+# Debian's nginx as an image, for the compose stack under podman (tests/deploy/test_compose.py).
 NGINX_IMAGE ?= localhost/modelserver-nginx:bookworm
 nginx-image: deploy-tools
 	deploy/podman/make-debian-image nginx $(NGINX_IMAGE)

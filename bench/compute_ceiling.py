@@ -14,15 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
+from server.runtimes.base import ModelRuntime
 from server.runtimes.device import select_device
-from server.runtimes.savedmodel import ModelRuntime
+from server.runtimes.savedmodel import SavedModelRuntime
 
 BATCH_SIZES = {"multi_input": (1, 8, 64, 256), "residual_cnn": (1, 8, 32, 64, 128)}
 
 
 def measure(runtime: ModelRuntime, rows: int, seconds: float) -> dict[str, float]:
     rng = np.random.default_rng(0)
-    inputs = {name: rng.random((rows, *spec.shape), dtype=np.float32) for name, spec in runtime.inputs.items()}
+    inputs = {}
+    for name, spec in runtime.inputs.items():
+        shape = spec.fixed_shape
+        if shape is None:
+            raise ValueError(f"{runtime.name} input {name} has dimensions of unknown size: {spec.describe()}")
+        inputs[name] = rng.random((rows, *shape), dtype=np.float32)
     runtime.predict(inputs)
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -36,7 +42,7 @@ def main(repository: Path, seconds: float) -> dict:
     device = select_device()
     result: dict = {"device": device}
     for name, sizes in BATCH_SIZES.items():
-        runtime = ModelRuntime(name, 1, repository / name / "1", device)
+        runtime = SavedModelRuntime(name, 1, repository / name / "1", device)
         result[name] = {str(rows): measure(runtime, rows, seconds) for rows in sizes}
     return result
 

@@ -25,9 +25,9 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.run import log, machine  # noqa: E402
+from harness.server import REPO_ROOT, ServerProcess  # noqa: E402
 from modelserver.v1 import modelserver_pb2 as pb  # noqa: E402
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc  # noqa: E402
-from tests.helpers.server import REPO_ROOT, ServerProcess  # noqa: E402
 
 CALLERS = 64
 REQUEST = pb.PredictMultiInputRequest(input_a=[0.25] * 10, input_b=[0.5] * 20)

@@ -36,9 +36,9 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from bench.run import load, log, machine  # noqa: E402
 from clients.loadtest import percentiles_ms  # noqa: E402
+from harness.deploy_native import NGINX_CONFIG, NginxProcess  # noqa: E402
+from harness.server import ServerProcess, scrape, serving  # noqa: E402
 from modelserver.v1 import modelserver_pb2 as pb  # noqa: E402
-from tests.helpers.deploy_native import NGINX_CONFIG, NginxProcess  # noqa: E402
-from tests.helpers.server import ServerProcess, scrape, serving  # noqa: E402
 
 MODEL = "multi_input"
 REQUEST = pb.PredictMultiInputRequest(input_a=[0.25] * 10, input_b=[0.5] * 20)
@@ -58,7 +58,7 @@ def _server_counts(server: ServerProcess) -> tuple[dict[str, float], dict[float,
     buckets: dict[float, float] = {}
     for family in text_string_to_metric_families(scrape(server.metrics_port)):
         for s in family.samples:
-            if s.labels.get("model") != MODEL or s.labels.get("method") != "PredictMultiInput":
+            if s.labels.get("model") != MODEL or s.labels.get("method") != "typed.PredictMultiInput":
                 continue
             if s.name == "modelserver_requests_total":
                 codes[s.labels["code"]] = codes.get(s.labels["code"], 0.0) + s.value
@@ -228,13 +228,16 @@ def cap_sweep(server: ServerProcess, workdir: Path) -> dict:
     best = max(r["throughput_rps"] for r in runs.values())
     knee = min(c for c, r in runs.items() if r["throughput_rps"] >= 0.95 * best)
     log("cap sweep through nginx: " + ", ".join(f"c={c} {r['throughput_rps']:.0f} req/s" for c, r in runs.items()))
+    cap = CAP_LINE.search(NGINX_CONFIG.read_text())
+    if cap is None:
+        raise RuntimeError(f"no '{CAP_LINE.pattern}' line in {NGINX_CONFIG}")
     return {
         "runs": {
             str(c): {"throughput_rps": r["throughput_rps"], "latency_ms": r["latency_ms"]} for c, r in runs.items()
         },
         "best_rps": best,
         "smallest_concurrency_within_5pct_of_best": knee,
-        "shipped_cap": int(CAP_LINE.search(NGINX_CONFIG.read_text()).group(1)),
+        "shipped_cap": int(cap.group(1)),
     }
 
 

@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from tests.helpers.server import ServerProcess  # noqa: E402
+from harness.server import ServerProcess  # noqa: E402
 
 CNN_ROWS = 32
 LOADS = [  # (name, model, concurrency, rows, protocols)

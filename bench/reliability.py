@@ -22,9 +22,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 from bench.run import load, log, machine  # noqa: E402
+from harness.drain import drain_round  # noqa: E402
+from harness.server import ServerProcess  # noqa: E402
 from modelserver.v1 import modelserver_pb2 as pb  # noqa: E402
-from tests.helpers.drain import drain_round  # noqa: E402
-from tests.helpers.server import ServerProcess  # noqa: E402
 
 REQUEST = pb.PredictMultiInputRequest(input_a=[0.25] * 10, input_b=[0.5] * 20)
 
@@ -76,13 +76,15 @@ def soak(repository: Path, seconds: float) -> dict:
     try:
         load(server.target, "multi_input", 20.0, concurrency=16)  # warm-up: caches and arenas reach their size
         ok_before = server.metric(
-            "modelserver_requests_total", model="multi_input", method="PredictMultiInput", code="OK"
+            "modelserver_requests_total", model="multi_input", method="typed.PredictMultiInput", code="OK"
         )
         rss_start = _rss_bytes(server.process.pid)
         result = load(server.target, "multi_input", seconds, concurrency=16)
         rss_end = _rss_bytes(server.process.pid)
         served = (
-            server.metric("modelserver_requests_total", model="multi_input", method="PredictMultiInput", code="OK")
+            server.metric(
+                "modelserver_requests_total", model="multi_input", method="typed.PredictMultiInput", code="OK"
+            )
             - ok_before
         )
         return {

@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from tests.helpers.server import ServerProcess  # noqa: E402
+from harness.server import ServerProcess  # noqa: E402
 
 CONCURRENCIES = (1, 4, 16, 64, 256)
 CNN_ROWS = 32
@@ -118,7 +118,7 @@ def measured(
     result = load(target, model, duration, **kwargs)
     if pid and cpu_before is not None and result["ok"]:
         result["server_cpu_ms_per_request"] = (cpu_seconds(pid) - cpu_before) * 1000 / result["ok"]
-    if server:
+    if server and before is not None:
         after = batch_stats(server, model)
         batches = after[1] - before[1]
         result["mean_rows_per_batch"] = (after[0] - before[0]) / batches if batches else None

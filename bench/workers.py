@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from bench.run import batch_stats, log, machine  # noqa: E402
-from tests.helpers.server import ServerProcess  # noqa: E402
+from harness.server import ServerProcess  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 WARMUP = 5.0  # seconds of load on each server before any measurement

@@ -199,15 +199,18 @@ class ModelServerClient:
 
     def metadata(self, model: str, version: int = 0, timeout: float | None = None) -> pb.GetModelMetadataResponse:
         request = pb.GetModelMetadataRequest(name=model, version=version)
-        return self._stub.GetModelMetadata(request, **self._call_options(timeout))
+        response: pb.GetModelMetadataResponse = self._stub.GetModelMetadata(request, **self._call_options(timeout))
+        return response
 
     def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
-        return self._stub.ListModels(pb.ListModelsRequest(), **self._call_options(timeout))
+        response: pb.ListModelsResponse = self._stub.ListModels(pb.ListModelsRequest(), **self._call_options(timeout))
+        return response
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The health status name (SERVING, NOT_SERVING, ...) of the server ("") or one model or service."""
         request = health_pb2.HealthCheckRequest(service=service)
-        return health_status_name(self._health.Check(request, **self._call_options(timeout)))
+        # The stubs omit the methods that HealthStub's __init__ sets.
+        return health_status_name(self._health.Check(request, **self._call_options(timeout)))  # type: ignore[attr-defined]
 
 
 class AsyncModelServerClient:
@@ -259,13 +262,18 @@ class AsyncModelServerClient:
 
     async def metadata(self, model: str, version: int = 0, timeout: float | None = None) -> pb.GetModelMetadataResponse:
         request = pb.GetModelMetadataRequest(name=model, version=version)
-        return await self._stub.GetModelMetadata(request, **self._call_options(timeout))
+        response: pb.GetModelMetadataResponse = await self._stub.GetModelMetadata(
+            request, **self._call_options(timeout)
+        )
+        return response
 
     async def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
-        return await self._stub.ListModels(
+        response: pb.ListModelsResponse = await self._stub.ListModels(
             pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
         )
+        return response
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         request = health_pb2.HealthCheckRequest(service=service)
-        return health_status_name(await self._health.Check(request, **self._call_options(timeout)))
+        # The stubs omit the methods that HealthStub's __init__ sets.
+        return health_status_name(await self._health.Check(request, **self._call_options(timeout)))  # type: ignore[attr-defined]

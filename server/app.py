@@ -33,14 +33,16 @@ from server.grpc.security import BearerTokenInterceptor
 from server.grpc.typed import ModelService
 from server.registry import repository
 from server.registry.manager import ModelManager, Phase
+from server.runtimes.base import ModelRuntime
 from server.runtimes.device import select_device
 from server.runtimes.keras import KerasRuntime
-from server.runtimes.savedmodel import ModelRuntime
+from server.runtimes.savedmodel import SavedModelRuntime
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = modelserver_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Seconds without a new call before the listener closes, and seconds allowed for its GOAWAY to reach clients.
 QUIET_BEFORE_CLOSE = 0.05
 # Seconds at most of holding new calls before the listener closes anyway (callers that never stop sending, an
@@ -65,7 +67,7 @@ def _open_version(loading: _Loading, found: repository.ModelVersion) -> ModelRun
     """Open one version (a SavedModel or a model.keras file) and warm up every batch size (blocking; runs on the
     manager's loading thread, off the event loop)."""
     loading.holds.wait("load", found.name)
-    runtime_class = KerasRuntime if found.format == "keras" else ModelRuntime
+    runtime_class: type[ModelRuntime] = KerasRuntime if found.format == "keras" else SavedModelRuntime
     runtime = runtime_class(found.name, found.version, found.path, loading.device)
     if loading.holds.folder is not None:
         runtime.before_call = functools.partial(loading.holds.wait, "warmup")
@@ -193,18 +195,35 @@ async def _drain(settings: Settings, server: grpc.aio.Server, core: InferenceSer
     await stopping
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callable[[str], None] | None = None) -> int:
-    """Run the server until SIGTERM/SIGINT; returns the process exit code. As one of --workers (server/workers/)
-    it shares the port (`reuse_port`) and tells its supervisor when it is "listening" and "serving" (`notify`)."""
-    started = time.perf_counter()
-    try:
-        settings.model_repository.mkdir(parents=True, exist_ok=True)
-        credentials = _server_credentials(settings) if settings.tls_enabled else None
-        tokens = settings.auth_tokens()
-    except OSError as error:
-        log.error("cannot start: %s", error)
-        return 1
-    metrics.track_gc_pauses()
+@dataclass
+class _Core:
+    """What serves, whatever the transport: the model threads, batcher, admission, loading, manager and core."""
+
+    executor: ThreadPoolExecutor
+    batcher: Batcher
+    admission: AdmissionControl
+    loading: _Loading
+    manager: ModelManager
+    core: InferenceService
+
+    async def close(self, wait: bool) -> None:
+        await self.manager.close()
+        await self.admission.stop()
+        self.executor.shutdown(wait=wait, cancel_futures=True)
+
+
+@dataclass
+class _Listener:
+    """The gRPC transport, listening, and the metrics endpoint."""
+
+    server: grpc.aio.Server
+    marker: DrainMarker
+    port: int
+    metrics_port: int | None
+
+
+def _build_core(settings: Settings) -> _Core:
+    """Phase 1, wiring: settings -> registry -> batcher and admission -> data plane (nothing runs yet)."""
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="model")
     batcher = Batcher(executor, settings.batching_for)
     admission = AdmissionControl(settings.max_concurrent_rpcs, seconds_per_call=batcher.seconds_per_call)
@@ -217,49 +236,65 @@ async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callabl
         builtin=BUILTIN_MODELS,
     )
     core = InferenceService(manager, batcher, settings.batching_for, admission.check)
+    return _Core(executor, batcher, admission, loading, manager, core)
 
-    health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    interceptors: list[grpc.aio.ServerInterceptor] = []
-    if tokens:
-        drain_service = MARK_METHOD.split("/")[1]
-        interceptors.append(BearerTokenInterceptor(tokens, open_services=(health_service, drain_service)))
-    server = _grpc_server(settings, interceptors, reuse_port)
+
+def _add_services(settings: Settings, server: grpc.aio.Server, parts: _Core) -> None:
+    """The gRPC services over the data plane: our typed API, the Open Inference Protocol, TF Serving's API, health
+    and (optionally) reflection."""
+    core = parts.core
     add_service(server, ModelService(core), modelserver_pb2.DESCRIPTOR.services_by_name["ModelService"])
     add_service(server, oip_service.OipService(core, settings.repository_control), oip_service.SERVICE)
     add_service(server, tfserving_service.PredictionService(core), tfserving_service.PREDICTION_SERVICE)
     add_service(server, tfserving_service.ModelService(core), tfserving_service.MODEL_SERVICE)
-    health_pb2_grpc.add_HealthServicer_to_server(HealthService(manager, [SERVICE_NAME]), server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthService(parts.manager, [SERVICE_NAME]), server)
     if settings.reflection:
         names = (
             SERVICE_NAME,
             oip_service.SERVICE.full_name,
             tfserving_service.PREDICTION_SERVICE.full_name,
             tfserving_service.MODEL_SERVICE.full_name,
-            health_service,
+            HEALTH_SERVICE,
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
+
+
+async def _listen(settings: Settings, parts: _Core, reuse_port: bool) -> _Listener | None:
+    """Phase 2, listening: the gRPC server with its services and auth, bound and started, and /metrics; models
+    are not loaded yet, so health says NOT_SERVING and model calls get UNAVAILABLE. None when a port or a file
+    cannot be had (logged)."""
+    try:
+        settings.model_repository.mkdir(parents=True, exist_ok=True)
+        credentials = _server_credentials(settings) if settings.tls_enabled else None
+        tokens = settings.auth_tokens()
+    except OSError as error:
+        log.error("cannot start: %s", error)
+        return None
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if tokens:
+        drain_service = MARK_METHOD.split("/")[1]
+        interceptors.append(BearerTokenInterceptor(tokens, open_services=(HEALTH_SERVICE, drain_service)))
+    server = _grpc_server(settings, interceptors, reuse_port)
+    _add_services(settings, server, parts)
     marker = DrainMarker()
     marker.attach(server)
     address = f"{settings.host}:{settings.grpc_port}"
     try:
-        if credentials is not None:
-            port = server.add_secure_port(address, credentials)
-        else:
-            port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as error:
         log.error("cannot listen on %s: %s (is the port in use?)", address, error)
-        return 1
+        return None
     metrics_port = None
     if settings.metrics:
         try:
             metrics_port = metrics.serve_metrics(settings.metrics_address, settings.metrics_port)
         except OSError as error:
             log.error("cannot serve metrics on %s:%d: %s", settings.metrics_address, settings.metrics_port, error)
-            return 1
+            return None
         log.info("metrics on http://%s:%d/metrics", settings.metrics_address, metrics_port)
     await server.start()
-    admission.start()
+    parts.admission.start()
     log.info(
         "gRPC listening on %s:%d (%s%s)",
         settings.host,
@@ -269,62 +304,91 @@ async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callabl
     )
     if settings.port_file is not None:
         write_port_file(settings.port_file, port, metrics_port, [os.getpid()])
+    return _Listener(server, marker, port, metrics_port)
+
+
+class _Signals:
+    """SIGTERM/SIGINT set `stop`; SIGHUP rescans the repository while serving (each scan task kept until done)."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.stop = asyncio.Event()
+        self._manager = manager
+        self._scans: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._rescan)
+
+    def _rescan(self) -> None:
+        if self._manager.phase is Phase.SERVING:
+            log.info("SIGHUP: scanning the model repository")
+            task = asyncio.get_running_loop().create_task(self._manager.sync())
+            self._scans.add(task)
+            task.add_done_callback(self._scans.discard)
+
+
+async def _load(settings: Settings, parts: _Core, signals: _Signals) -> bool | None:
+    """Phase 3, loading: export, load and warm every model, then SERVING. True once serving, False when a signal
+    came first (nothing was accepted yet), None when start-up failed (logged)."""
+    starting = asyncio.create_task(_load_all(settings, parts.manager, parts.loading, parts.executor))
+    stopping = asyncio.create_task(signals.stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        return False
+    stopping.cancel()
+    if starting.exception() is not None:
+        log.error("startup failed: %s", starting.exception(), exc_info=starting.exception())
+        return None
+    return True
+
+
+async def _stop_while_starting(listener: _Listener, parts: _Core) -> int:
+    """Still exporting, loading or warming up: no call has been accepted (model calls get UNAVAILABLE until
+    SERVING), so stop at once. The export or load on the executor cannot be interrupted and is not waited for: the
+    caller ends the process (server/__main__.py); an export's staging folder is never loaded and the next start
+    removes it (server/registry/repository.py)."""
+    log.info("signal received while starting: stopping now, nothing accepted yet")
+    await listener.server.stop(0)
+    await parts.close(wait=False)
+    listener.marker.close()
+    return 0
+
+
+async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callable[[str], None] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the process exit code. As one of --workers (server/workers/)
+    it shares the port (`reuse_port`) and tells its supervisor when it is "listening" and "serving" (`notify`).
+
+    The phases, in order: wire the core, listen, load (until SERVING), serve until a signal, drain, close."""
+    started = time.perf_counter()
+    metrics.track_gc_pauses()
+    parts = _build_core(settings)
+    listener = await _listen(settings, parts, reuse_port)
+    if listener is None:
+        await parts.close(wait=False)
+        return 1
     if notify is not None:
         notify("listening")
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    background: set[asyncio.Task[None]] = set()
-
-    def rescan() -> None:
-        if manager.phase is Phase.SERVING:
-            log.info("SIGHUP: scanning the model repository")
-            task = loop.create_task(manager.sync())
-            background.add(task)
-            task.add_done_callback(background.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, rescan)
-
-    starting = asyncio.create_task(_load_all(settings, manager, loading, executor))
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    signals = _Signals(parts.manager)
+    loaded = await _load(settings, parts, signals)
+    if loaded is False:
+        return await _stop_while_starting(listener, parts)
     exit_code = 0
     polling = None
-    if starting.done():
-        if starting.exception() is not None:
-            log.error("startup failed: %s", starting.exception(), exc_info=starting.exception())
-            exit_code = 1
-            stop.set()
-        else:
-            log.info("SERVING %s after %.2fs", ", ".join(core.model_names()), time.perf_counter() - started)
-            if settings.repository_poll_seconds > 0:
-                polling = asyncio.create_task(manager.poll(settings.repository_poll_seconds))
-            if notify is not None:
-                notify("serving")
-    await stopping
-    if not starting.done():
-        # Still exporting, loading or warming up: no call has been accepted (model calls get UNAVAILABLE until
-        # SERVING), so stop at once. The export or load on the executor cannot be interrupted and is not waited
-        # for: the caller ends the process (server/__main__.py); an export's staging folder is never loaded and
-        # the next start removes it (server/registry/repository.py).
-        log.info("signal received while starting: stopping now, nothing accepted yet")
-        starting.cancel()
-        await server.stop(0)
-        await manager.close()
-        await admission.stop()
-        executor.shutdown(wait=False, cancel_futures=True)
-        marker.close()
-        return 0
-    log.info("signal received: health NOT_SERVING, %d request(s) in flight", core.in_flight)
-    starting.cancel()
+    if loaded:
+        log.info("SERVING %s after %.2fs", ", ".join(parts.core.model_names()), time.perf_counter() - started)
+        if settings.repository_poll_seconds > 0:
+            polling = asyncio.create_task(parts.manager.poll(settings.repository_poll_seconds))
+        if notify is not None:
+            notify("serving")
+        await signals.stop.wait()
+        log.info("signal received: health NOT_SERVING, %d request(s) in flight", parts.core.in_flight)
+    else:
+        exit_code = 1  # start-up failed: drain what little there is, and exit non-zero
     if polling is not None:
         polling.cancel()
-    await _drain(settings, server, core, marker)
-    await manager.close()
-    await admission.stop()
-    executor.shutdown(wait=True, cancel_futures=True)
-    marker.close()
+    await _drain(settings, listener.server, parts.core, listener.marker)
+    await parts.close(wait=True)
+    listener.marker.close()
     log.info("stopped")
     return exit_code

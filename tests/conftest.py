@@ -1,4 +1,6 @@
-"""Shared fixtures: one exported model repository, one real server, and the Keras models to compare with."""
+"""Shared fixtures: one exported model repository, one real server, and the Keras models to compare with; and the
+layers of the suite: each test is marked with the folder it lives in (tests/unit, tests/integration, tests/deploy),
+so that `pytest -m unit` runs one layer."""
 
 from __future__ import annotations
 
@@ -9,14 +11,29 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+pytest.register_assert_rewrite("tests.helpers.loadtest")  # checks moved out of test modules keep pytest's messages
 
 from clients.client import ModelServerClient  # noqa: E402
-from tests.helpers.server import ServerProcess  # noqa: E402
+from harness.server import ServerProcess  # noqa: E402
 
 # After the last test, whatever is still running is reported, killed, and fails the run (issue 21).
 pytest_plugins = ["tests.helpers.leak_guard"]
 
 SEED = 1234  # the server's default --seed
+
+# The layers of the suite, each a folder tests/<layer>/ and a marker (pyproject.toml says what each holds).
+LAYERS = ("unit", "integration", "deploy")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its layer, the folder under tests/ it lives in; a test in no layer's folder is an error."""
+    tests = Path(__file__).parent
+    for item in items:
+        folder = item.path.relative_to(tests).parts[0] if item.path.is_relative_to(tests) else None
+        if folder not in LAYERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/integration or tests/deploy")
+        item.add_marker(folder)
 
 
 @pytest.fixture(scope="session")

@@ -46,3 +46,7 @@ class DeadlineExpiredError(ServingError):
 
 class NotAllowedError(ServingError):
     """The server is configured not to do this (repository control switched off)."""
+
+
+class NotOfferedError(ServingError):
+    """A method, or a protocol extension, this server does not offer: the message says what to use instead."""

@@ -21,10 +21,16 @@ class TensorSpec:
     shape: tuple[int | None, ...]
 
     @property
-    def values_per_row(self) -> int | None:
+    def fixed_shape(self) -> tuple[int, ...] | None:
+        """The shape when every dimension has a known size, else None."""
         if any(d is None for d in self.shape):
             return None
-        return math.prod(d for d in self.shape if d is not None)
+        return tuple(d for d in self.shape if d is not None)
+
+    @property
+    def values_per_row(self) -> int | None:
+        shape = self.fixed_shape
+        return None if shape is None else math.prod(shape)
 
     def describe(self) -> str:
         dims = ", ".join(["rows", *("?" if d is None else str(d) for d in self.shape)])
@@ -115,12 +121,13 @@ def _shape_str(shape: tuple[int, ...]) -> str:
 
 def rows_from_flat(model: str, spec: TensorSpec, flat: np.ndarray) -> np.ndarray:
     """Reshape a flat, row-major array (a packed proto field) into (rows, *spec.shape)."""
-    per_row = spec.values_per_row
-    if per_row is None:
+    shape = spec.fixed_shape
+    if shape is None:
         raise InvalidInputError(
             f"model '{model}' input '{spec.name}' has dimensions of unknown size {spec.describe()}; "
             "it cannot be sent as a flat list"
         )
+    per_row = math.prod(shape)
     if flat.size == 0:
         raise InvalidInputError(
             f"model '{model}' input '{spec.name}' is empty: expected at least one row of {per_row} values"
@@ -130,7 +137,7 @@ def rows_from_flat(model: str, spec: TensorSpec, flat: np.ndarray) -> np.ndarray
             f"model '{model}' input '{spec.name}' has {flat.size} values, which is not a whole number of "
             f"rows: expected a multiple of {per_row} ({per_row} values per row: {spec.describe()})"
         )
-    return flat.reshape((-1, *spec.shape))
+    return flat.reshape((-1, *shape))
 
 
 def validate_inputs(model: str, specs: Mapping[str, TensorSpec], inputs: Mapping[str, np.ndarray]) -> int:

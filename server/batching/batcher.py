@@ -32,7 +32,7 @@ from server.base.deadlines import CANCEL_NEAR_DEADLINE
 from server.base.errors import DeadlineExpiredError, InvalidInputError, OverloadedError
 from server.batching.config import BatchingConfig, default_batch_sizes
 from server.batching.policy import ArrivalRate, CostModel, Limits, QueueState, decide
-from server.runtimes.savedmodel import ModelRuntime
+from server.runtimes.base import ModelRuntime
 
 __all__ = ["Batcher", "BatchingConfig", "default_batch_sizes"]
 

@@ -25,7 +25,7 @@ from server.base.tensors import InputLimits, TensorSpec, check_finite_outputs, r
 from server.batching.config import BatchingConfig
 from server.batching.policy import CostModel
 from server.registry.manager import ACCEPTING, ModelManager, Phase, State, Version
-from server.runtimes.savedmodel import ModelRuntime
+from server.runtimes.base import ModelRuntime
 
 T = TypeVar("T")
 
@@ -307,7 +307,7 @@ class InferenceService:
             name=name,
             version=runtime.version,
             versions=tuple(v.number for v in self.manager.versions(name) if v.state is State.AVAILABLE),
-            platform="tensorflow_savedmodel",
+            platform=runtime.platform,
             inputs=tuple(runtime.inputs.values()),
             outputs=tuple(runtime.outputs.values()),
             device=runtime.device,

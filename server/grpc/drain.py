@@ -39,7 +39,7 @@ class DrainMarker:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {method: handler}),))
         server.add_insecure_port(f"unix:{self._socket}")
 
-    async def _mark(self, nonce: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def _mark(self, nonce: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         waiter = self._waiting.pop(nonce, None)  # unknown nonces (anyone else's calls) change nothing
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

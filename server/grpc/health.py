@@ -20,6 +20,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
+_Context = grpc.aio.ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
+
 
 class HealthService(health_pb2_grpc.HealthServicer):
     def __init__(self, manager: ModelManager, server_services: Iterable[str]) -> None:
@@ -34,13 +36,15 @@ class HealthService(health_pb2_grpc.HealthServicer):
             return SERVING if self._manager.is_ready(service) else NOT_SERVING
         return None
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def Check(  # noqa: N802
+        self, request: health_pb2.HealthCheckRequest, context: _Context
+    ) -> health_pb2.HealthCheckResponse:
         status = self.status(request.service)
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service[:64]!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: _Context) -> None:  # noqa: N802
         last = None
         changed = self._manager.changed
         async with changed:  # held while reading and writing, so no change is notified in between unseen

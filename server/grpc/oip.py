@@ -1,33 +1,31 @@
-"""The Open Inference Protocol servicer (`inference.GRPCInferenceService`, KServe v2 / Triton): decode, hand to
-the core, encode. Conversions live in `server/protocols/oip/codec.py`; validation, batching and metrics are the core's.
+"""The Open Inference Protocol servicer (`inference.GRPCInferenceService`, KServe v2 / Triton): decode, call the
+protocol's handler (server/protocols/oip/handlers.py, where every rule of the protocol is), encode. Conversions
+live in `server/protocols/oip/codec.py`; validation, batching and metrics are the core's.
 
 Unary RPCs go through `server.grpc.rpc.rpc`. ModelStreamInfer answers every message of the stream on its own, as
 it completes (ids tell them apart), with the same status mapping and request metrics per message; an error
-is a message on the stream (`error_message`), the stream goes on. The protocol's extensions that we do not
-offer (shared memory, trace and log settings) answer UNIMPLEMENTED naming the extension and what to do instead,
-rather than gRPC's bare "Method not found!". The model-repository extension is the model manager's
-(server/registry/manager.py): RepositoryIndex always, RepositoryModelLoad/Unload when --repository-control is on.
+is a message on the stream (`error_message`), the stream goes on. Its flow control (what a stream, and all of
+them, may hold) is here: it is the transport's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from importlib import metadata as package_metadata
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
-from server.base.errors import InvalidInputError, ModelNotFoundError, NotAllowedError, quoted
 from server.base.metrics import REQUEST_DURATION, REQUESTS
-from server.dataplane.inference import InferenceService, ModelMetadata
-from server.grpc.rpc import MalformedRequest, deadline_of, rpc
+from server.dataplane.inference import InferenceService
+from server.grpc.rpc import Context, MalformedRequest, Servicer, deadline_of, not_offered, rpc
 from server.grpc.status import to_status
+from server.protocols.common import NO_MODEL, UNKNOWN_MODEL
 from server.protocols.oip import codec as oip
+from server.protocols.oip.handlers import Method, OipHandlers
 from server.registry.manager import ACCEPTING, Phase
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -45,239 +43,76 @@ STREAM_BUFFER_BYTES = 64 * 1024 * 1024
 # 8 KB measured for a one-row request waiting for its batch), so that a window of tiny messages counts too.
 STREAM_MESSAGE_OVERHEAD = 8 * 1024
 DRAIN_POLL_SECONDS = 0.05
-# The extensions ServerMetadata lists, in Triton's names.
-EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
-# A version's state in RepositoryIndex, in Triton's words (registry/manager.py State -> Triton's ModelReadyState).
-_INDEX_STATES = {
-    "start": "LOADING",
-    "loading": "LOADING",
-    "available": "READY",
-    "unloading": "UNLOADING",
-    "failed": "UNAVAILABLE",
-}
 
 
-@contextlib.contextmanager
-def _triton_words() -> Iterator[None]:
-    """An unknown model or version in Triton's words ("Request for unknown model", which its clients look for),
-    followed by ours (what exists)."""
-    try:
-        yield
-    except ModelNotFoundError as error:
-        raise ModelNotFoundError(f"Request for unknown model: {error}") from None
+class OipService(Servicer):
+    handlers: OipHandlers
 
-
-def _not_offered(method: str, extension: str, instead: str) -> Callable[..., Awaitable[Any]]:
-    """A handler for an RPC of a protocol extension we do not offer: UNIMPLEMENTED, naming the extension, what to
-    do instead and the extensions we do offer (counted like every other call)."""
-    message = (
-        f"{method} belongs to the '{extension}' extension of the Open Inference Protocol, which this server does "
-        f"not offer: {instead}. Extensions offered: {', '.join(EXTENSIONS)} (see ServerMetadata)"
-    )
-
-    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        REQUESTS.labels("", method, grpc.StatusCode.UNIMPLEMENTED.name).inc()
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
-
-    handler.__name__ = method
-    return handler
-
-
-_SYSTEM_SHM = ("system_shared_memory", "send tensors in the request (raw_input_contents or typed contents)")
-_CUDA_SHM = ("cuda_shared_memory", "send tensors in the request (raw_input_contents or typed contents)")
-_TRACE = ("trace", "the server's metrics are on its Prometheus /metrics port")
-_LOGGING = ("logging", "the log level is set when the server starts")
-
-
-def _server_version() -> str:
-    try:
-        return package_metadata.version("modelserver")
-    except package_metadata.PackageNotFoundError:
-        return "unknown"
-
-
-class OipService:
     def __init__(self, core: InferenceService, repository_control: bool = False) -> None:
-        self._core = core
-        self._repository_control = repository_control
-        self._version = _server_version()
+        super().__init__(OipHandlers(core, repository_control))
         self._stream_budget = _StreamBudget(STREAM_BUFFER_BYTES)
 
-    def _label(self, name: str) -> str:
-        """A metric label for a caller-supplied model name: unknown names share one label."""
-        return name if self._core.is_known(name) else "unknown"
+    @rpc(Method.ServerLive, lambda self, request: NO_MODEL)
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> Any:
+        return pb.ServerLiveResponse(live=self.handlers.server_live())
 
-    @rpc("ServerLive", lambda self, request: "")
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerLiveResponse(live=True)
+    @rpc(Method.ServerReady, lambda self, request: NO_MODEL)
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> Any:
+        return pb.ServerReadyResponse(ready=self.handlers.server_ready())
 
-    @rpc("ServerReady", lambda self, request: "")
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerReadyResponse(ready=self._core.manager.server_ready())
+    @rpc(Method.ModelReady, lambda self, request: self.label(request.name))
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
+        return pb.ModelReadyResponse(ready=self.handlers.model_ready(request.name, request.version))
 
-    @rpc("ModelReady", lambda self, request: self._label(request.name))
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:
-        """False for a model that is loading, failed to load, draining, or unknown (as Triton answers)."""
-        version = oip.parse_version(request.name, request.version)
-        return pb.ModelReadyResponse(ready=self._core.is_ready(request.name, version))
+    @rpc(Method.ServerMetadata, lambda self, request: NO_MODEL)
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> Any:
+        return oip.server_metadata_response(self.handlers.server_metadata())
 
-    @rpc("ServerMetadata", lambda self, request: "")
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerMetadataResponse(name="modelserver", version=self._version, extensions=list(EXTENSIONS))
+    @rpc(Method.ModelMetadata, lambda self, request: self.label(request.name))
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> Any:
+        return oip.metadata_response(self.handlers.model_metadata(request.name, request.version))
 
-    @rpc("ModelMetadata", lambda self, request: self._label(request.name))
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
-        with _triton_words():
-            meta = self._core.metadata(request.name, oip.parse_version(request.name, request.version))
-        return pb.ModelMetadataResponse(
-            name=meta.name,
-            versions=[str(meta.version)],
-            platform=meta.platform,
-            inputs=oip.tensor_metadata(meta.inputs, meta.batched),
-            outputs=oip.tensor_metadata(meta.outputs, meta.batched),
-        )
+    @rpc(Method.ModelConfig, lambda self, request: self.label(request.name))
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> Any:
+        return pb.ModelConfigResponse(config=self.handlers.model_config(request.name, request.version))
 
-    @rpc("ModelConfig", lambda self, request: self._label(request.name))
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> Any:
-        with _triton_words():
-            meta = self._core.metadata(request.name, oip.parse_version(request.name, request.version))
-        b = meta.batching
-        config = oip.model_config(
-            meta.name,
-            meta.inputs,
-            meta.outputs,
-            b.max_batch_size if meta.batched else 0,
-            # The longest a request waits for company (an upper bound under the 'cost' policy).
-            (b.allowed_batch_sizes, b.batch_timeout) if b.enabled else None,
-            _batching_parameters(meta) if b.enabled else {},
-        )
-        return pb.ModelConfigResponse(config=config)
+    @rpc(Method.ModelStatistics, lambda self, request: self.label(request.name) if request.name else NO_MODEL)
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> Any:
+        return oip.statistics_response(self.handlers.model_statistics(request.name, request.version))
 
-    @rpc("ModelStatistics", lambda self, request: self._label(request.name) if request.name else "")
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> Any:
-        """Counts and times per model; an empty name asks for every loaded model."""
-        names = [request.name] if request.name else self._core.model_names()
-        response = pb.ModelStatisticsResponse()
-        for name in names:
-            with _triton_words():
-                version = self._core.resolve(name, oip.parse_version(name, request.version)).version
-                s = self._core.statistics(name)
-            stats = response.model_stats.add(
-                name=name,
-                version=str(version),
-                last_inference=s.last_inference_ms,
-                inference_count=s.inference_count,
-                execution_count=s.execution_count,
-            )
-            # Triton counts queue and compute per request (perf_analyzer checks that the counts agree): a request's
-            # compute is its time in the core less its time queued; the batches are execution_count.
-            infer = stats.inference_stats
-            infer.success.MergeFrom(pb.StatisticDuration(count=s.success_count, ns=s.success_ns))
-            infer.fail.MergeFrom(pb.StatisticDuration(count=s.fail_count, ns=s.fail_ns))
-            infer.queue.MergeFrom(pb.StatisticDuration(count=s.success_count, ns=min(s.queue_ns, s.success_ns)))
-            compute = pb.StatisticDuration(count=s.success_count, ns=max(0, s.success_ns - s.queue_ns))
-            infer.compute_infer.MergeFrom(compute)
-            infer.compute_input.MergeFrom(pb.StatisticDuration(count=s.success_count))
-            infer.compute_output.MergeFrom(pb.StatisticDuration(count=s.success_count))
-        return response
-
-    @rpc("ModelInfer", lambda self, request: self._label(request.model_name))
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
+    @rpc(Method.ModelInfer, lambda self, request: self.label(request.model_name))
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> Any:
         return await self._infer(request, deadline_of(context))
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        name = request.model_name
-        version = oip.parse_version(name, request.model_version)
-        oip.check_parameters(f"model {quoted(name)}", request.parameters, oip.REQUEST_PARAMETERS)
-        timeout = oip.timeout_seconds(request)
-        if timeout is not None:
-            deadline = min(d for d in (deadline, time.monotonic() + timeout) if d is not None)
-        with _triton_words():
-            runtime = self._core.resolve(name, version)
-        oip.check_datatypes(name, runtime.inputs, request)
-        outputs = oip.requested_outputs(name, runtime.outputs, request)
-        classes = oip.classification_counts(name, runtime.outputs, request)
-        inputs = self._core.decode(runtime, lambda limits: oip.decode_inputs(name, request, limits))
-        result = await self._core.infer(name, runtime.version, inputs, deadline)
-        return oip.encode_response(request, name, result.version, result.outputs, outputs, classes, runtime.batched)
+        return oip.encode_response(await self.handlers.infer(oip.infer_request(request), deadline))
 
-    @rpc("RepositoryIndex", lambda self, request: "")
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> Any:
-        """Every version of every model with its state (READY, LOADING, UNLOADING, UNAVAILABLE with the load
-        error); `ready`: only the versions that serve now."""
-        self._check_repository(request.repository_name)
-        models = []
-        for summary in self._core.list_models():
-            if not summary.version_states and not request.ready:
-                models.append(pb.RepositoryIndexResponse.ModelIndex(
-                    name=summary.name, state="UNAVAILABLE", reason=summary.error or summary.state))  # fmt: skip
-            for version, state, error in summary.version_states:
-                ready = state == "available" and self._core.is_ready(summary.name, version)
-                if request.ready and not ready:
-                    continue
-                models.append(
-                    pb.RepositoryIndexResponse.ModelIndex(
-                        name=summary.name,
-                        version=str(version),
-                        state="READY" if ready else ("UNAVAILABLE" if state == "available" else _INDEX_STATES[state]),
-                        reason=error,
-                    )
-                )
-        return pb.RepositoryIndexResponse(models=models)
+    @rpc(Method.RepositoryIndex, lambda self, request: NO_MODEL)
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> Any:
+        return oip.index_response(self.handlers.repository_index(request.repository_name, request.ready))
 
-    @rpc("RepositoryModelLoad", lambda self, request: self._label(request.model_name))
-    async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
-    ) -> Any:
-        """Load (or reload) the model's versions from the repository now, as its version policy says."""
-        self._check_control("RepositoryModelLoad", request.repository_name)
-        if request.parameters:
-            raise InvalidInputError(
-                f"RepositoryModelLoad parameters {sorted(request.parameters)} are not supported: the model is loaded "
-                "from its folder in the repository (put its files there first)"
-            )
-        with _triton_words():
-            await self._core.manager.load_model(request.model_name)
+    @rpc(Method.RepositoryModelLoad, lambda self, request: self.label(request.model_name))
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context) -> Any:
+        await self.handlers.repository_load(request.repository_name, request.model_name, list(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
-    @rpc("RepositoryModelUnload", lambda self, request: self._label(request.model_name))
-    async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
-    ) -> Any:
-        """Retire every version of the model (requests already accepted finish); it stays unloaded, repository
-        polling included, until a RepositoryModelLoad."""
-        self._check_control("RepositoryModelUnload", request.repository_name)
-        with _triton_words():
-            await self._core.manager.unload_model(request.model_name)
+    @rpc(Method.RepositoryModelUnload, lambda self, request: self.label(request.model_name))
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context) -> Any:
+        await self.handlers.repository_unload(request.repository_name, request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    def _check_repository(self, name: str) -> None:
-        if name:
-            raise InvalidInputError(
-                f"unknown repository {quoted(name)}: this server has one model repository; leave repository_name empty"
-            )
-
-    def _check_control(self, method: str, repository_name: str) -> None:
-        if not self._repository_control:
-            raise NotAllowedError(
-                f"{method} is switched off: start the server with --repository-control true to load and unload "
-                "models through the Open Inference Protocol (new versions in the repository are loaded anyway, "
-                "see --repository-poll-seconds)"
-            )
-        self._check_repository(repository_name)
-
     # Extensions we do not offer: a clear UNIMPLEMENTED instead of gRPC's "Method not found!".
-    SystemSharedMemoryStatus = _not_offered("SystemSharedMemoryStatus", *_SYSTEM_SHM)
-    SystemSharedMemoryRegister = _not_offered("SystemSharedMemoryRegister", *_SYSTEM_SHM)
-    SystemSharedMemoryUnregister = _not_offered("SystemSharedMemoryUnregister", *_SYSTEM_SHM)
-    CudaSharedMemoryStatus = _not_offered("CudaSharedMemoryStatus", *_CUDA_SHM)
-    CudaSharedMemoryRegister = _not_offered("CudaSharedMemoryRegister", *_CUDA_SHM)
-    CudaSharedMemoryUnregister = _not_offered("CudaSharedMemoryUnregister", *_CUDA_SHM)
-    TraceSetting = _not_offered("TraceSetting", *_TRACE)
-    LogSettings = _not_offered("LogSettings", *_LOGGING)
+    SystemSharedMemoryStatus = not_offered(Method.SystemSharedMemoryStatus)
+    SystemSharedMemoryRegister = not_offered(Method.SystemSharedMemoryRegister)
+    SystemSharedMemoryUnregister = not_offered(Method.SystemSharedMemoryUnregister)
+    CudaSharedMemoryStatus = not_offered(Method.CudaSharedMemoryStatus)
+    CudaSharedMemoryRegister = not_offered(Method.CudaSharedMemoryRegister)
+    CudaSharedMemoryUnregister = not_offered(Method.CudaSharedMemoryUnregister)
+    TraceSetting = not_offered(Method.TraceSetting)
+    LogSettings = not_offered(Method.LogSettings)
 
     async def ModelStreamInfer(
-        self, requests: AsyncIterator[pb.ModelInferRequest | MalformedRequest], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[pb.ModelInferRequest | MalformedRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Many requests over one call: each is answered when it completes, so they batch with each other.
 
@@ -348,7 +183,7 @@ class OipService:
 
     async def _draining(self) -> None:
         """Returns once the server stops taking new requests (polled: streams are few, and 50 ms is early enough)."""
-        while self._core.phase is Phase.STARTING or self._core.phase in ACCEPTING:
+        while self.handlers.core.phase is Phase.STARTING or self.handlers.core.phase in ACCEPTING:
             await asyncio.sleep(DRAIN_POLL_SECONDS)
 
     async def _stream_one(
@@ -356,11 +191,11 @@ class OipService:
     ) -> pb.ModelStreamInferResponse:
         """One stream message, mapped and counted exactly as a unary ModelInfer would be."""
         started = time.perf_counter()
-        code, label = grpc.StatusCode.OK, "unknown"
+        code, label = grpc.StatusCode.OK, UNKNOWN_MODEL
         try:
             if isinstance(request, MalformedRequest):
                 raise request.error()
-            label = self._label(request.model_name)
+            label = self.label(request.model_name)
             return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -374,8 +209,8 @@ class OipService:
                 )
             return pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=echo)
         finally:
-            REQUESTS.labels(label, "ModelStreamInfer", code.name).inc()
-            REQUEST_DURATION.labels(label, "ModelStreamInfer").observe(time.perf_counter() - started)
+            REQUESTS.labels(label, Method.ModelStreamInfer, code.name).inc()
+            REQUEST_DURATION.labels(label, Method.ModelStreamInfer).observe(time.perf_counter() - started)
 
 
 # Bytes per value of each typed-contents field (BYTES values are counted by their lengths).
@@ -524,17 +359,3 @@ class _StreamWindow:
             self._closed = True
             self._budget.give(self._bytes)
             self._count = self._bytes = 0
-
-
-def _batching_parameters(meta: ModelMetadata) -> dict[str, str]:
-    """What the batcher decides from, as ModelConfig parameters: the policy, and once the version has run, its
-    measured call cost (fixed + per row, what the 'cost' policy and the back-off hints use) and the time the work
-    queued now will take."""
-    parameters = {"batch_policy": meta.batching.policy}
-    if meta.cost is not None and meta.cost.by_size:
-        parameters |= {
-            "batch_cost_fixed_ms": f"{meta.cost.a * 1000:.3f}",
-            "batch_cost_per_row_ms": f"{meta.cost.b * 1000:.4f}",
-            "queue_wait_ms": f"{meta.queue_wait * 1000:.1f}",
-        }
-    return parameters

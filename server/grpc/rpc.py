@@ -24,12 +24,16 @@ from server.base.deadlines import CANCEL_NEAR_DEADLINE
 from server.base.errors import InvalidInputError
 from server.base.metrics import REQUEST_DURATION, REQUESTS
 from server.grpc.status import to_status
+from server.protocols.common import NO_MODEL, UNKNOWN_MODEL, Handlers, MethodLabel
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+# A servicer's context, whatever its messages.
+Context = grpc.aio.ServicerContext[Any, Any]
+# A servicer's unary method: (servicer, request, context) -> response.
+Handler = Callable[[Any, Request, Context], Awaitable[Response]]
 
 
 class MalformedRequest:
@@ -181,7 +185,7 @@ def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescr
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-def final_code_of_cancelled(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def final_code_of_cancelled(context: Context) -> grpc.StatusCode:
     """The code a cancelled handler's RPC ended with: DEADLINE_EXCEEDED when its deadline passed."""
     remaining = context.time_remaining()
     # The client's clock started before ours: its own cancellation at its deadline reaches us a little early.
@@ -190,25 +194,26 @@ def final_code_of_cancelled(context: grpc.aio.ServicerContext) -> grpc.StatusCod
     return grpc.StatusCode.CANCELLED
 
 
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+def deadline_of(context: Context) -> float | None:
     """The call's deadline on the time.monotonic() clock, or None when the caller set none."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
 
-def rpc(method: str, model: Callable[[Any, Any], str]) -> Callable[[Handler], Handler]:
+def rpc(method: str, model: Callable[[Any, Any], str]) -> Callable[[Handler[Any, Any]], Handler[Any, Any]]:
     """Wrap a unary handler: malformed requests, status mapping for errors, and the request metrics
     (modelserver_requests_total with the final code, modelserver_request_duration_seconds).
 
+    `method` is the metric's method label, the protocol's (`oip.ModelInfer`: its handlers' `Method`);
     `model(self, request)` gives the metric's model label; it must map unknown names to one label.
     """
 
-    def decorate(handler: Handler) -> Handler:
+    def decorate(handler: Handler[Any, Any]) -> Handler[Any, Any]:
         @functools.wraps(handler)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def wrapper(self: Any, request: Any, context: Context) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
-            model_label = "unknown"
+            model_label = UNKNOWN_MODEL
             counted = False
 
             def count() -> None:
@@ -236,3 +241,25 @@ def rpc(method: str, model: Callable[[Any, Any], str]) -> Callable[[Handler], Ha
         return wrapper
 
     return decorate
+
+
+class Servicer:
+    """A protocol's servicer: it decodes, calls its protocol's transport-free `handlers`, and encodes."""
+
+    def __init__(self, handlers: Handlers) -> None:
+        self.handlers = handlers
+
+    def label(self, name: str) -> str:
+        """The metric label of a caller-supplied model name (its handlers': unknown names share one)."""
+        return self.handlers.model_label(name)
+
+
+def not_offered(method: MethodLabel) -> Handler[Any, Any]:
+    """The handler of an RPC that the protocol does not offer: the servicer's `handlers.not_offered(method)` raises
+    NotOfferedError (UNIMPLEMENTED, saying what to use instead), answered and counted like every other call."""
+
+    async def refuse(self: Any, request: Any, context: Context) -> Any:
+        self.handlers.not_offered(method)
+
+    refuse.__name__ = refuse.__qualname__ = method.name
+    return rpc(method, lambda self, request: NO_MODEL)(refuse)

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import grpc
 
 from server.base.metrics import REQUESTS
+from server.grpc.labels import method_label
 from server.grpc.rpc import HANDLER_KINDS
+from server.protocols.common import UNKNOWN_MODEL
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
 
 _MESSAGE = "missing or invalid bearer token: send the metadata 'authorization: Bearer TOKEN'"
 
 
-async def _deny(request: object, context: grpc.aio.ServicerContext) -> None:
+async def _deny(request: object, context: grpc.aio.ServicerContext[object, object]) -> None:
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, _MESSAGE)
 
 
@@ -35,13 +41,13 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Request, _Response] | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[_Request, _Response] | None:
         if details.method.startswith(self._open) or self._authorized(details.invocation_metadata):
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:  # an unknown method stays UNIMPLEMENTED, and adds no metric label
             return None
-        REQUESTS.labels("unknown", details.method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        REQUESTS.labels(UNKNOWN_MODEL, method_label(details.method), grpc.StatusCode.UNAUTHENTICATED.name).inc()
         return HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)](_deny)

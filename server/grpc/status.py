@@ -11,6 +11,7 @@ from server.base.errors import (
     InvalidInputError,
     ModelNotFoundError,
     NotAllowedError,
+    NotOfferedError,
     OverloadedError,
     UnavailableError,
 )
@@ -24,6 +25,7 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
     DeadlineExpiredError: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotAllowedError: grpc.StatusCode.FAILED_PRECONDITION,
+    NotOfferedError: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 

@@ -34,7 +34,7 @@ from server.base import metrics
 from server.base.errors import ModelNotFoundError, UnavailableError, quoted
 from server.registry import repository
 from server.registry.version_policy import VersionPolicy
-from server.runtimes.savedmodel import ModelRuntime, load_failure
+from server.runtimes.base import ModelRuntime, load_failure
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.runtimes.keras import KERAS_FILE
+from server.runtimes.savedmodel import SIGNATURE
 
 if TYPE_CHECKING:
     import keras
@@ -75,8 +76,8 @@ def fingerprint(version_dir: Path) -> str:
         base = Path(folder)
         entries.append((str(base.relative_to(version_dir)), stat(base)))
         entries.extend((str((base / name).relative_to(version_dir)), stat(base / name)) for name in files)
-    for name, stat in sorted(entries):
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for name, info in sorted(entries):
+        digest.update(f"{name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -102,7 +103,7 @@ def is_intact(version_dir: Path) -> bool:
     if not manifest_path.is_file():
         return False
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest: dict[str, object] = json.loads(manifest_path.read_text())
         return manifest["files"] == _manifest_files(version_dir)
     except (OSError, ValueError, KeyError):
         return False
@@ -135,7 +136,7 @@ def export_saved_model(
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serving_default", serve, input_signature=[input_signature])
+    archive.add_endpoint(SIGNATURE, serve, input_signature=[input_signature])
     try:
         archive.write_out(str(staging), verbose=False)
         manifest = {

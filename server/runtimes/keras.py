@@ -9,38 +9,33 @@ protocol) is the same as for a SavedModel.
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import numpy as np
-
-from server.base.tensors import TensorSpec
-from server.runtimes.savedmodel import ModelRuntime
+from server.runtimes.base import ModelRuntime
 
 KERAS_FILE = "model.keras"  # Keras 3's native format: <repository>/<model>/<version>/model.keras
 
 
 class KerasRuntime(ModelRuntime):
-    """One version of one model, loaded from a model.keras file."""
+    """One version of one model, loaded from a model.keras file. Rows first, as every Keras model takes them; the
+    base class still checks that its outputs follow the rows, as it does for a SavedModel."""
 
-    def __init__(self, name: str, version: int, path: Path, device: str) -> None:  # noqa: D107
+    platform = "keras"
+
+    def _open(self) -> tuple[Callable[..., Mapping[str, Any]], Mapping[str, object], Mapping[str, object]]:
         import keras
         import tensorflow as tf
 
-        self.name = name
-        self.version = version
-        self.path = path
-        self.device = device
-        self.before_call = None
-        self.batched, self.unbatched_reason, self._cold = True, "", False  # rows first, as Keras models take them
-        with tf.device(device):
-            model = keras.saving.load_model(path / KERAS_FILE, compile=False)
+        with tf.device(self.device):
+            model = keras.saving.load_model(self.path / KERAS_FILE, compile=False)
         input_names = [t.name for t in model.inputs]
         output_names = list(model.output_names)
         specs = {
             t.name: tf.TensorSpec((None, *t.shape[1:]), tf.dtypes.as_dtype(t.dtype), name=t.name) for t in model.inputs
         }
 
-        @tf.function(input_signature=[specs])
+        @tf.function(input_signature=[specs])  # type: ignore[untyped-decorator]  # TensorFlow ships no types
         def serve(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             args = inputs if len(input_names) > 1 else inputs[input_names[0]]
             outputs = model(args, training=False)
@@ -51,11 +46,4 @@ class KerasRuntime(ModelRuntime):
             return dict(zip(output_names, outputs, strict=True))
 
         self._loaded = model
-        self._signature = lambda **inputs: serve(inputs)
-        self.inputs = {n: _spec(n, specs[n].shape[1:], specs[n].dtype) for n in sorted(input_names)}
-        outputs = serve.get_concrete_function().structured_outputs
-        self.outputs = {n: _spec(n, t.shape[1:], t.dtype) for n, t in sorted(outputs.items())}
-
-
-def _spec(name: str, shape: object, dtype: object) -> TensorSpec:
-    return TensorSpec(name=name, dtype=np.dtype(dtype.as_numpy_dtype), shape=tuple(shape.as_list()))  # type: ignore[attr-defined]
+        return (lambda **inputs: serve(inputs)), specs, serve.get_concrete_function().structured_outputs

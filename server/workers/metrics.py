@@ -81,7 +81,7 @@ class ServerProcesses(Collector):
             return 0.0
         return sum(
             s.value
-            for metric in MultiProcessCollector.merge([str(counters)])
+            for metric in MultiProcessCollector.merge([str(counters)])  # type: ignore[no-untyped-call]  # unannotated
             if metric.name == "modelserver_requests"
             for s in metric.samples
             if s.name == "modelserver_requests_total"
@@ -96,6 +96,6 @@ def supervisor_registry(
 ) -> CollectorRegistry:
     """The registry the supervisor serves at /metrics."""
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(path))
+    MultiProcessCollector(registry, path=str(path))  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
     registry.register(ServerProcesses(path, running, started, serving))
     return registry

@@ -264,7 +264,7 @@ class Supervisor:
                     worker.process.join()
                     worker.state = "exited"
                     worker.conn.close()
-                    mark_process_dead(worker.pid, str(metrics_dir))
+                    mark_process_dead(worker.pid, str(metrics_dir))  # type: ignore[no-untyped-call]  # unannotated
                     self._on_exit(worker)
             states = [w.state for w in self.workers]
             if "listening" not in announced and all(s in ("listening", "serving") for s in states):

@@ -1,2 +1,3 @@
-"""What the tests share: real server processes, the models' own outputs, loads and scrapes. Test modules import
-from here, never from each other."""
+"""What only the tests share: the models' own outputs, scrapes, closed loops, containers, the deployment files as
+their tools read them, the leak guard. Starting real servers, nginx and Prometheus is harness/'s (the benchmarks
+use it too). Test modules import from here and from harness, never from each other."""

@@ -18,8 +18,8 @@ import grpc
 
 from clients.client import DEFAULT_MAX_MESSAGE_BYTES, TYPED_MODELS, channel_options
 from clients.loadtest import build_request
+from harness.backoff import Backoff
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
-from tests.helpers.backoff import Backoff
 
 STOP_SECONDS = 30  # a caller ends after its current call (at most `timeout`) and its back-off (at most 0.5 s)
 

@@ -1,4 +1,4 @@
-"""The image under podman (tests/test_deploy_image.py): build it with `make image`, run containers of it, and talk to
+"""The image under podman (tests/deploy/test_image.py): build it with `make image`, run containers of it, and talk to
 a running one the way tests talk to a server process (ServerProcess's target, metrics, hold points and process).
 
 podman runs as root here, with runc and no default ulimits (deploy/podman/containers.conf, installed by
@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers.server import REPO_ROOT, sample_value, scrape
+from harness.server import REPO_ROOT, sample_value, scrape
 
 IMAGE = "localhost/modelserver:local"  # `make image`'s, and the name docker-compose.yml gives the image
 BASE_IMAGE = "localhost/modelserver-base:bookworm"

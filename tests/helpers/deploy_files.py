@@ -1,4 +1,4 @@
-"""Reading the deployment files the way their tools do, for tests/test_deploy_files.py (no Docker engine here).
+"""Reading the deployment files the way their tools do, for tests/deploy/test_files.py (no Docker engine here).
 
 Compose: YAML with anchors and merge keys resolved, `${VAR:-default}` interpolated from the defaults (as with
 an empty environment), override files merged over the base (mappings merge key by key, other values are
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tests.helpers.server import REPO_ROOT
+from harness.server import REPO_ROOT
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 COMPOSE_OVERRIDES = {

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.procs import Process, descendants, kill, processes
+from harness.procs import Process, descendants, kill, processes
 
 MARK = "MODELSERVER_TEST_SESSION"  # environment variable: this session's id, inherited by every process it starts
 GRACE_SECONDS = 5.0  # for what is ending anyway (a thread finishing its last call, a process exiting) to go

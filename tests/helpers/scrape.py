@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers.server import ServerProcess
+from harness.server import ServerProcess
 
 
 class Metrics:

@@ -1,4 +1,5 @@
-"""Open Inference Protocol (KServe v2) messages <-> numpy: every conversion for `server/grpc/oip.py`.
+"""Open Inference Protocol (KServe v2) gRPC messages <-> numpy and the protocol's plain data
+(server/protocols/oip/types.py): every conversion between the messages and the handlers (handlers.py).
 
 Tensors arrive either typed (`contents`, one repeated field per datatype) or raw (`raw_input_contents`:
 little-endian bytes, BYTES elements as a 4-byte length and the bytes). Raw bytes decode without a copy
@@ -11,7 +12,8 @@ Triton's phrase and then says what we expected and received.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 
 import ml_dtypes
 import numpy as np
@@ -20,6 +22,19 @@ from tritonclient.grpc import service_pb2 as pb
 
 from server.base.errors import InvalidInputError, quoted, quoted_list
 from server.base.tensors import InputLimits, TensorSpec, declared_elements, shape_text
+from server.protocols.oip.types import (
+    InferInput,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelStatistics,
+    OutputTensor,
+    Parameter,
+    RepositoryModel,
+    RequestedOutput,
+    ServerMetadata,
+    TensorMetadata,
+)
 
 # The protocol's datatypes, and the numpy dtype each one is (little-endian on the wire).
 DATATYPES: dict[str, np.dtype] = {
@@ -38,7 +53,7 @@ DATATYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "BYTES": np.dtype(object),
 }
-_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+DATATYPE_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
 
 # Which InferTensorContents field carries each datatype when sent typed; FP16 and BF16 go raw only.
 _FIELDS = {
@@ -69,13 +84,13 @@ OUTPUT_PARAMETERS = {
     "classification": "an int64 > 0: the output's top classes, as BYTES 'score:index' (no labels)",
 }
 # Datatypes Triton's classification extension ranks (not BOOL, BYTES, FP16 or BF16).
-_CLASSIFIABLE = ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64")
+CLASSIFIABLE = ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64")
 
 
 def datatype_of(dtype: np.dtype) -> str:
     """The protocol's name for a numpy dtype (TF strings are numpy objects: BYTES)."""
     try:
-        return _NAMES[dtype]
+        return DATATYPE_NAMES[dtype]
     except KeyError:
         raise InvalidInputError(f"dtype {dtype.name} has no Open Inference Protocol datatype") from None
 
@@ -92,7 +107,7 @@ def parse_version(model: str, version: str) -> int:
     return int(version)
 
 
-def check_parameters(where: str, parameters: Mapping[str, pb.InferParameter], allowed: Mapping[str, str]) -> None:
+def check_parameters(where: str, parameters: Mapping[str, object], allowed: Mapping[str, str]) -> None:
     unknown = sorted(set(parameters) - set(allowed))
     if unknown:
         supported = "; ".join(f"'{k}': {v}" for k, v in allowed.items()) or "none"
@@ -100,19 +115,6 @@ def check_parameters(where: str, parameters: Mapping[str, pb.InferParameter], al
             f"{where}: parameter {quoted_list(unknown)} is not supported "
             f"(no sequences, priorities, shared memory or classification here); supported: {supported}"
         )
-
-
-def timeout_seconds(request: pb.ModelInferRequest) -> float | None:
-    """The request's 'timeout' parameter (microseconds, as Triton defines it) in seconds, or None."""
-    if "timeout" not in request.parameters:
-        return None
-    parameter = request.parameters["timeout"]
-    if parameter.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param"):
-        raise InvalidInputError("parameter 'timeout' must be an integer number of microseconds")
-    value = parameter.int64_param or parameter.uint64_param
-    if value < 0:
-        raise InvalidInputError(f"parameter 'timeout' must be >= 0 microseconds, got {value}")
-    return value / 1e6 if value else None
 
 
 def deserialize_bytes(model: str, name: str, raw: bytes) -> np.ndarray:
@@ -248,58 +250,6 @@ def decode_inputs(
     return arrays
 
 
-def check_datatypes(model: str, specs: Mapping[str, TensorSpec], request: pb.ModelInferRequest) -> None:
-    """Refuse an input whose datatype is not the model's, in the protocol's own words, before decoding it."""
-    for tensor in request.inputs:
-        spec = specs.get(tensor.name)
-        if spec is not None and DATATYPES.get(tensor.datatype) != spec.dtype:
-            raise InvalidInputError(
-                f"model '{model}' input {quoted(tensor.name)} has datatype {_NAMES.get(spec.dtype, spec.dtype.name)}, "
-                f"got {quoted(tensor.datatype)}"
-            )
-
-
-def requested_outputs(model: str, specs: Mapping[str, TensorSpec], request: pb.ModelInferRequest) -> list[str]:
-    """The outputs to return, in the order asked for: all the model's when the request names none."""
-    if not request.outputs:
-        return list(specs)
-    names = []
-    for output in request.outputs:
-        check_parameters(f"model '{model}' output {quoted(output.name)}", output.parameters, OUTPUT_PARAMETERS)
-        if output.name not in specs:
-            raise InvalidInputError(
-                f"model '{model}' has no output named {quoted(output.name)}; expected outputs: {', '.join(specs)}"
-            )
-        if output.name not in names:
-            names.append(output.name)
-    return names
-
-
-def classification_counts(model: str, specs: Mapping[str, TensorSpec], request: pb.ModelInferRequest) -> dict[str, int]:
-    """The outputs asked for as classifications (Triton's classification extension: the output parameter
-    'classification'), each with how many top classes, checked before the model runs."""
-    counts = {}
-    for output in request.outputs:
-        if "classification" not in output.parameters:
-            continue
-        parameter = output.parameters["classification"]
-        where = f"model '{model}' output {quoted(output.name)}"
-        kind = parameter.WhichOneof("parameter_choice")
-        if kind != "int64_param" or parameter.int64_param <= 0:
-            got = f"int64_param {parameter.int64_param}" if kind == "int64_param" else kind or "no value"
-            raise InvalidInputError(
-                f"invalid value for 'classification' parameter, expected an int64_param > 0: {where} got {got}"
-            )
-        datatype = _NAMES.get(specs[output.name].dtype) if output.name in specs else None
-        if datatype is not None and datatype not in _CLASSIFIABLE:
-            raise InvalidInputError(
-                f"class result not available for output due to unsupported type '{datatype}': {where} can be "
-                f"classified when its datatype is one of {', '.join(_CLASSIFIABLE)}"
-            )
-        counts[output.name] = parameter.int64_param
-    return counts
-
-
 def classify(array: np.ndarray, count: int, batched: bool) -> np.ndarray:
     """The top `count` classes of each row (of the whole tensor for a model without a batch dimension), highest
     score first, as Triton writes them: b"<score>:<index>" with the score as C's "%f" (integers as integers)."""
@@ -313,49 +263,42 @@ def classify(array: np.ndarray, count: int, batched: bool) -> np.ndarray:
     return classes if batched else classes[0]
 
 
-def encode_response(
-    request: pb.ModelInferRequest,
-    model: str,
-    version: int,
-    outputs: Mapping[str, np.ndarray],
-    names: Iterable[str],
-    classes: Mapping[str, int] | None = None,
-    batched: bool = True,
-) -> pb.ModelInferResponse:
-    """The reply: the named outputs in raw_output_contents (one entry per output, in order), whether the request
-    came raw or typed, as Triton answers; an output asked for as a classification (`classes`) is its top classes."""
-    response = pb.ModelInferResponse(model_name=model, model_version=str(version), id=request.id)
-    if "triton_enable_empty_final_response" in request.parameters:
-        response.parameters["triton_final_response"].bool_param = True
-    classes = classes or {}
-    for name in names:
-        array = outputs[name] if name not in classes else classify(outputs[name], classes[name], batched)
-        datatype = datatype_of(array.dtype)
-        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        if datatype == "BYTES":
-            response.raw_output_contents.append(serialize_bytes(array))
+def output_tensor(name: str, array: np.ndarray) -> OutputTensor:
+    """An output of a reply, with the protocol's datatype for its dtype."""
+    return OutputTensor(name, datatype_of(array.dtype), array)
+
+
+def encode_response(response: InferResponse) -> pb.ModelInferResponse:
+    """The reply: every output in raw_output_contents (one entry per output, in order), whether the request came raw
+    or typed, as Triton answers."""
+    message = pb.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
+    _set_parameters(message.parameters, response.parameters)
+    for output in response.outputs:
+        message.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        if output.datatype == "BYTES":
+            message.raw_output_contents.append(serialize_bytes(output.data))
         else:
-            little_endian = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
-            response.raw_output_contents.append(little_endian.tobytes())
-    return response
+            little_endian = np.ascontiguousarray(output.data, output.data.dtype.newbyteorder("<"))
+            message.raw_output_contents.append(little_endian.tobytes())
+    return message
 
 
-def tensor_metadata(specs: Sequence[TensorSpec], batched: bool = True) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+def tensor_metadata(specs: Sequence[TensorSpec], batched: bool = True) -> tuple[TensorMetadata, ...]:
     """Shapes with the rows first as -1 (any) for a batched model, the whole shapes for an unbatched one, and -1
     for any other dimension of variable size."""
     rows = [-1] if batched else []
-    return [
-        pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=datatype_of(s.dtype), shape=[*rows, *_dims(s)])
-        for s in specs
-    ]
+    return tuple(TensorMetadata(s.name, datatype_of(s.dtype), (*rows, *_dims(s))) for s in specs)
 
 
 def _config_type(dtype: np.dtype) -> int:
-    return mc.DataType.Value("TYPE_STRING" if dtype == np.dtype(object) else f"TYPE_{datatype_of(dtype)}")
+    return int(mc.DataType.Value("TYPE_STRING" if dtype == np.dtype(object) else f"TYPE_{datatype_of(dtype)}"))
 
 
 def model_config(
     name: str,
+    platform: str,
     inputs: Sequence[TensorSpec],
     outputs: Sequence[TensorSpec],
     max_batch_size: int,
@@ -367,7 +310,7 @@ def model_config(
     a batch dimension has max_batch_size 0, its whole shapes as dims, and no dynamic batching."""
     config = mc.ModelConfig(
         name=name,
-        platform="tensorflow_savedmodel",
+        platform=platform,
         backend="tensorflow",
         max_batch_size=max_batch_size,
         input=[mc.ModelInput(name=s.name, data_type=_config_type(s.dtype), dims=_dims(s)) for s in inputs],
@@ -384,3 +327,68 @@ def model_config(
 
 def _dims(spec: TensorSpec) -> list[int]:
     return [-1 if d is None else d for d in spec.shape]
+
+
+# -- requests -----------------------------------------------------------------------------------------------------
+
+
+def parameter_value(parameter: pb.InferParameter) -> Parameter:
+    """An InferParameter's value, whichever field carries it (None when it carries none)."""
+    kind = parameter.WhichOneof("parameter_choice")
+    value: Parameter = None if kind is None else getattr(parameter, kind)
+    return value
+
+
+def _parameters(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Parameter]:
+    return {key: parameter_value(value) for key, value in parameters.items()}
+
+
+def _set_parameters(message: Mapping[str, pb.InferParameter], parameters: Mapping[str, Parameter]) -> None:
+    for key, value in parameters.items():
+        field = message[key]
+        if isinstance(value, bool):
+            field.bool_param = value
+        elif isinstance(value, int):
+            field.int64_param = value
+        elif isinstance(value, float):
+            field.double_param = value
+        elif isinstance(value, str):
+            field.string_param = value
+
+
+def infer_request(request: pb.ModelInferRequest) -> InferRequest:
+    """A ModelInfer message as the handler takes it: its tensors are decoded (decode_inputs) when the handler asks,
+    within the limits of the model version it resolved."""
+    name = request.model_name
+
+    def decode(limits: InputLimits) -> dict[str, np.ndarray]:
+        return decode_inputs(name, request, limits)
+
+    return InferRequest(
+        model_name=name,
+        model_version=request.model_version,
+        inputs=tuple(InferInput(tensor.name, tensor.datatype) for tensor in request.inputs),
+        decode=decode,
+        outputs=tuple(RequestedOutput(output.name, _parameters(output.parameters)) for output in request.outputs),
+        parameters=_parameters(request.parameters),
+        id=request.id,
+    )
+
+
+# -- replies ------------------------------------------------------------------------------------------------------
+
+
+def server_metadata_response(metadata: ServerMetadata) -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(**asdict(metadata))
+
+
+def metadata_response(metadata: ModelMetadata) -> pb.ModelMetadataResponse:
+    return pb.ModelMetadataResponse(**asdict(metadata))
+
+
+def statistics_response(statistics: Sequence[ModelStatistics]) -> pb.ModelStatisticsResponse:
+    return pb.ModelStatisticsResponse(model_stats=[asdict(model) for model in statistics])
+
+
+def index_response(models: Sequence[RepositoryModel]) -> pb.RepositoryIndexResponse:
+    return pb.RepositoryIndexResponse(models=[asdict(model) for model in models])

@@ -1,4 +1,5 @@
-"""TensorFlow Serving messages <-> numpy: every conversion for `server/grpc/tfserving.py`.
+"""TensorFlow Serving's gRPC messages <-> numpy and the protocol's plain data (server/protocols/tfserving/types.py):
+every conversion between the messages and the handlers (handlers.py).
 
 A TensorProto carries its values either packed (`tensor_content`: little-endian bytes, what
 `tf.make_tensor_proto` writes for numbers) or in a typed field (`float_val`, `int_val`, `string_val`, ...,
@@ -16,12 +17,13 @@ import ml_dtypes
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
 
-from server.base.errors import MAX_ECHOED_CHARS, InvalidInputError, ModelNotFoundError, quoted
+from server.base.errors import MAX_ECHOED_CHARS, InvalidInputError, quoted
 from server.base.tensors import MAX_FILL_ELEMENTS, InputLimits, TensorSpec, declared_elements, shape_text
+from server.protocols.tfserving.types import ModelSpec, ModelVersionStatus, PredictRequest, PredictResponse
+from server.runtimes.savedmodel import SIGNATURE
 
-SIGNATURE = "serving_default"
 METHOD_NAME = "tensorflow/serving/predict"
 
 # TensorFlow dtypes a SavedModel signature can have that numpy (with ml_dtypes) holds, and their value field.
@@ -50,29 +52,24 @@ def shown(name: str) -> str:
 
 
 def dtype_enum(dtype: np.dtype) -> int:
-    return _ENUMS.get(dtype, types_pb2.DT_INVALID)
+    return int(_ENUMS.get(dtype, types_pb2.DT_INVALID))
 
 
-def version_of(model: str, spec: model_pb2.ModelSpec) -> int:
-    """The requested version (0 = latest). We keep no version labels, so a label is refused by name."""
-    if spec.WhichOneof("version_choice") == "version_label":
-        raise ModelNotFoundError(
-            f"model {quoted(model)} has no version label {quoted(spec.version_label)}: this server keeps no labels; "
-            "ask for a version number or leave it out for the latest"
-        )
-    if spec.HasField("version") and spec.version.value < 0:
-        raise InvalidInputError(
-            f"model {quoted(model)} version must be >= 1 (or absent: latest), got {spec.version.value}"
-        )
-    return spec.version.value if spec.HasField("version") else 0
+def model_spec_of(spec: model_pb2.ModelSpec) -> ModelSpec:
+    label = spec.version_label if spec.WhichOneof("version_choice") == "version_label" else None
+    version = spec.version.value if spec.HasField("version") else 0
+    return ModelSpec(spec.name, version, label, spec.signature_name)
 
 
-def check_signature(model: str, spec: model_pb2.ModelSpec) -> None:
-    if spec.signature_name not in ("", SIGNATURE):
-        raise InvalidInputError(
-            f'Serving signature key "{shown(spec.signature_name)}" not found: '
-            f"model '{model}' has no signature {quoted(spec.signature_name)}; its signature is '{SIGNATURE}'"
-        )
+def predict_request(request: predict_pb2.PredictRequest) -> PredictRequest:
+    """A Predict message as the handler takes it: its tensors are decoded (decode_inputs) when the handler asks,
+    within the limits of the model version it resolved."""
+    name = request.model_spec.name
+
+    def decode(limits: InputLimits) -> dict[str, np.ndarray]:
+        return decode_inputs(name, request.inputs, limits)
+
+    return PredictRequest(model_spec_of(request.model_spec), decode, tuple(request.output_filter))
 
 
 def decode_tensor(
@@ -170,18 +167,17 @@ def encode_tensor(array: np.ndarray) -> tensor_pb2.TensorProto:
     return proto
 
 
-def model_spec(name: str, version: int, signature: bool = True) -> model_pb2.ModelSpec:
+def model_spec(spec: ModelSpec) -> model_pb2.ModelSpec:
     """The served model's spec, as TF Serving echoes it: Predict names the signature, GetModelMetadata does not."""
-    spec = model_pb2.ModelSpec(name=name, signature_name=SIGNATURE if signature else "")
-    spec.version.value = version
-    return spec
+    message = model_pb2.ModelSpec(name=spec.name, signature_name=spec.signature_name)
+    message.version.value = spec.version
+    return message
 
 
-def predict_response(
-    name: str, version: int, outputs: Mapping[str, np.ndarray], names: Iterable[str]
-) -> predict_pb2.PredictResponse:
+def predict_response(response: PredictResponse) -> predict_pb2.PredictResponse:
     return predict_pb2.PredictResponse(
-        model_spec=model_spec(name, version), outputs={n: encode_tensor(outputs[n]) for n in names}
+        model_spec=model_spec(response.model_spec),
+        outputs={name: encode_tensor(array) for name, array in response.outputs.items()},
     )
 
 
@@ -203,7 +199,18 @@ def metadata_response(
         outputs={s.name: _tensor_info(s, batched) for s in outputs},
         method_name=METHOD_NAME,
     )
-    response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=model_spec(name, version, signature=False))
+    response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=model_spec(ModelSpec(name, version)))
     signatures = get_model_metadata_pb2.SignatureDefMap(signature_def={SIGNATURE: signature})
     response.metadata["signature_def"].Pack(signatures)
+    return response
+
+
+def status_response(statuses: Iterable[ModelVersionStatus]) -> get_model_status_pb2.GetModelStatusResponse:
+    state = get_model_status_pb2.ModelVersionStatus.State
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for status in statuses:
+        message = response.model_version_status.add(version=status.version, state=state.Value(status.state))
+        if status.error_message:
+            message.status.error_code = status.error_code
+            message.status.error_message = status.error_message
     return response

@@ -1,0 +1,127 @@
+"""SIGTERM under load, every call counted on the client side (used by the drain tests and bench/reliability.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import time
+
+import grpc
+
+from harness.backoff import Backoff
+from harness.server import ServerProcess
+from modelserver.v1 import modelserver_pb2 as pb
+
+CALLERS = 64
+PREDICT = "/modelserver.v1.ModelService/PredictMultiInput"
+PROBE_INTERVAL = 0.02
+
+Outcomes = collections.Counter[tuple[str, str]]
+
+
+def _predicts(channels: list[grpc.aio.Channel]) -> list[grpc.aio.UnaryUnaryMultiCallable]:
+    return [
+        channel.unary_unary(
+            PREDICT,
+            request_serializer=pb.PredictMultiInputRequest.SerializeToString,
+            response_deserializer=pb.PredictMultiInputResponse.FromString,
+        )
+        for channel in channels
+    ]
+
+
+async def drain_round(
+    server: ServerProcess,
+    request: pb.PredictMultiInputRequest,
+    expected: float,
+    channels: int = 1,
+    callers: int = CALLERS,
+    stop_when_refused: bool = False,
+) -> tuple[Outcomes, list[float]]:
+    """`callers` closed-loop callers over `channels` connections, SIGTERM, and every call recorded as (sent
+    before/after the signal, code), with every OK answer that differs from `expected`.
+
+    With a server started with `holds=True` the test decides what "under load" means, not the machine's speed:
+    the model is held until every caller's first call has reached the server (its in-flight gauge counts them),
+    so those calls, and only those, were sent before the signal and are known to be accepted work. The model is
+    released only once the draining server refuses a new call ("shutting down"), so the drain is seen waiting
+    for accepted work while it already refuses new work. Without holds (a benchmark), the callers run for a
+    second before the signal, and what counts as "before" depends on when each call reached the server.
+
+    `stop_when_refused`: a caller stops at its first UNAVAILABLE or CANCELLED after the signal, as one that goes
+    elsewhere would. With --workers, a caller that keeps sending reconnects to a sibling worker that may be
+    closing its listener at that instant, and gRPC cancels a call sent in that instant (README, Health and
+    shutdown)."""
+    outcomes: Outcomes = collections.Counter()
+    wrong: list[float] = []
+    signalled: float | None = None
+    refused = asyncio.Event()
+    # Separate subchannel pools: otherwise channels with equal options share one connection.
+    opened = [
+        grpc.aio.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(channels + 1)
+    ]
+    predicts = _predicts(opened)
+    in_flight_before = server.metric("modelserver_inflight_requests", model="multi_input")
+
+    def record(when: str, code: str, response: pb.PredictMultiInputResponse | None) -> None:
+        outcomes[(when, code)] += 1
+        if response is not None and abs(response.output[0] - expected) > 1e-5:
+            wrong.append(response.output[0])
+
+    async def caller(predict: grpc.aio.UnaryUnaryMultiCallable) -> None:
+        backoff = Backoff()  # a refused caller retries as a real client does, not 64 of them in a tight loop
+        while signalled is None or (server.process.poll() is None and time.monotonic() < signalled + 30):
+            when = "before" if signalled is None else "after"
+            try:
+                record(when, "OK", await predict(request, timeout=60))
+                backoff.reset()
+            except grpc.aio.AioRpcError as error:
+                record(when, error.code().name, None)
+                if server.process.poll() is not None:
+                    return
+                refused_here = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                if stop_when_refused and when == "after" and refused_here:
+                    return
+                await asyncio.sleep(backoff.delay())
+
+    async def probe(predict: grpc.aio.UnaryUnaryMultiCallable) -> None:
+        """One call; a "shutting down" refusal releases the held model."""
+        try:
+            record("after", "OK", await predict(request, timeout=60))
+        except grpc.aio.AioRpcError as error:
+            record("after", error.code().name, None)
+            if error.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in (error.details() or ""):
+                refused.set()
+
+    tasks: list[asyncio.Task[None]] = []
+    probes: list[asyncio.Task[None]] = []
+    try:
+        if server.hold_dir is not None:
+            server.hold()
+        tasks += [asyncio.create_task(caller(predicts[i % channels])) for i in range(callers)]
+        if server.hold_dir is not None:
+            deadline = time.monotonic() + 120
+            while server.metric("modelserver_inflight_requests", model="multi_input") < in_flight_before + callers:
+                assert time.monotonic() < deadline, "the callers' first calls never all reached the server"
+                await asyncio.sleep(0.01)
+        else:
+            await asyncio.sleep(1.0)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        if server.hold_dir is not None:
+            while not refused.is_set():
+                assert time.monotonic() < signalled + 60, "the draining server never refused a new call"
+                probes.append(asyncio.create_task(probe(predicts[-1])))
+                await asyncio.sleep(PROBE_INTERVAL)
+            server.release()
+        await asyncio.wait_for(asyncio.gather(*tasks, *probes), 120)
+    finally:
+        if server.hold_dir is not None:
+            server.release()
+        for task in (*tasks, *probes):  # after a failure: no caller outlives the round
+            task.cancel()
+        await asyncio.gather(*tasks, *probes, return_exceptions=True)
+        await asyncio.gather(*(channel.close() for channel in opened))
+    return outcomes, wrong

@@ -1,0 +1,143 @@
+"""TensorFlow Serving's handlers (PredictionService Predict and GetModelMetadata, ModelService GetModelStatus),
+knowing nothing of their transport: each takes a decoded request (plain data, server/protocols/tfserving/types.py)
+and returns a reply or raises one of the core's errors. Every rule of the protocol is here once: version numbers
+and labels, the one signature, TF Serving's words for an unknown model or version ("Servable not found for
+request", "Could not find any versions of model"), followed by ours, the version states, and the methods we do not
+offer (Classify, Regress, MultiInference, HandleReloadConfigRequest), which say what to use instead. The gRPC
+servicers (server/grpc/tfserving.py) only decode, call these and encode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NoReturn
+
+from server.base.errors import InvalidInputError, ModelNotFoundError, NotOfferedError, quoted, quoted_list
+from server.dataplane.inference import ModelMetadata
+from server.protocols.common import Handlers, MethodLabel, not_found_in_words
+from server.protocols.tfserving import codec
+from server.protocols.tfserving.types import ModelSpec, ModelVersionStatus, PredictRequest, PredictResponse
+from server.registry.manager import Phase
+from server.runtimes.savedmodel import SIGNATURE
+
+
+class Method(MethodLabel):
+    """TensorFlow Serving's methods (gRPC's names; its REST API counts under the same)."""
+
+    Predict = "tfs.Predict"
+    GetModelMetadata = "tfs.GetModelMetadata"
+    GetModelStatus = "tfs.GetModelStatus"
+    Classify = "tfs.Classify"
+    Regress = "tfs.Regress"
+    MultiInference = "tfs.MultiInference"
+    HandleReloadConfigRequest = "tfs.HandleReloadConfigRequest"
+
+
+# A version's state (registry/manager.py) in TF Serving's words; a failed version is END with its error, as there.
+STATES = {
+    "start": "START",
+    "loading": "LOADING",
+    "available": "AVAILABLE",
+    "unloading": "UNLOADING",
+    "failed": "END",
+}
+UNKNOWN_ERROR = 2  # tensorflow.error.Code UNKNOWN: a load failure's code is not known more precisely
+# GetModelMetadata's one field.
+METADATA_FIELD = "signature_def"
+_PREDICT_INSTEAD = f"call Predict with the model's {SIGNATURE} signature (tf.Example inputs are not taken)"
+# The methods we do not offer, and what to do instead.
+NOT_OFFERED: dict[Method, str] = {
+    Method.Classify: _PREDICT_INSTEAD,
+    Method.Regress: _PREDICT_INSTEAD,
+    Method.MultiInference: _PREDICT_INSTEAD,
+    Method.HandleReloadConfigRequest: (
+        "the server serves the versions it finds in its repository (scanned every --repository-poll-seconds, and on "
+        "SIGHUP), as each model's version policy says (--version-policy, --model-version-policy)"
+    ),
+}
+
+
+def _servable(name: str, version: int) -> str:
+    """TF Serving's ServableRequest::DebugString, which its NOT_FOUND messages show."""
+    request = f"Specific({codec.shown(name)}, {version})" if version else f"Latest({codec.shown(name)})"
+    return f"Servable not found for request: {request}"
+
+
+def version_of(spec: ModelSpec) -> int:
+    """The requested version (0 = latest). We keep no version labels, so a label is refused by name."""
+    if spec.version_label is not None:
+        raise ModelNotFoundError(
+            f"model {quoted(spec.name)} has no version label {quoted(spec.version_label)}: this server keeps no "
+            "labels; ask for a version number or leave it out for the latest"
+        )
+    if spec.version < 0:
+        raise InvalidInputError(
+            f"model {quoted(spec.name)} version must be >= 1 (or absent: latest), got {spec.version}"
+        )
+    return spec.version
+
+
+def check_signature(spec: ModelSpec) -> None:
+    if spec.signature_name not in ("", SIGNATURE):
+        raise InvalidInputError(
+            f'Serving signature key "{codec.shown(spec.signature_name)}" not found: '
+            f"model '{spec.name}' has no signature {quoted(spec.signature_name)}; its signature is '{SIGNATURE}'"
+        )
+
+
+class TfServingHandlers(Handlers):
+    async def predict(self, request: PredictRequest, deadline: float | None = None) -> PredictResponse:
+        """Run one request on the model's serving signature; `deadline` is a time.monotonic() value (None: none)."""
+        spec = request.model_spec
+        version = version_of(spec)
+        with not_found_in_words(_servable(spec.name, version)):
+            runtime = self.core.resolve(spec.name, version)
+        check_signature(spec)
+        names = codec.output_names(spec.name, runtime.outputs, request.output_filter)
+        inputs = self.core.decode(runtime, request.decode)
+        result = await self.core.infer(spec.name, runtime.version, inputs, deadline)
+        return PredictResponse(
+            ModelSpec(spec.name, result.version, signature_name=SIGNATURE),
+            {name: result.outputs[name] for name in names},
+        )
+
+    def get_model_metadata(self, spec: ModelSpec, metadata_fields: Sequence[str] = ()) -> ModelMetadata:
+        """The version's serving signature (the one metadata field), for codec.metadata_response."""
+        unsupported = [f for f in metadata_fields if f != METADATA_FIELD]
+        if unsupported:
+            raise InvalidInputError(
+                f"metadata_field {quoted_list(unsupported)} is not supported; the one field is '{METADATA_FIELD}'"
+            )
+        version = version_of(spec)
+        with not_found_in_words(_servable(spec.name, version)):
+            return self.core.metadata(spec.name, version)
+
+    def get_model_status(self, spec: ModelSpec) -> list[ModelVersionStatus]:
+        """Every version's state (or the one asked for), as TF Serving reports them: START, LOADING, AVAILABLE,
+        UNLOADING, or END with the load error. An available version is LOADING while the server starts and
+        UNLOADING once it stops (it is not ready then), so this agrees with health and ModelReady."""
+        version = version_of(spec)
+        if version:
+            phrase = f"Could not find version {version} of model {codec.shown(spec.name)}"
+        else:
+            phrase = f"Could not find any versions of model {codec.shown(spec.name)}"
+        with not_found_in_words(phrase):
+            summary = self.core.summary(spec.name)
+            states = [s for s in summary.version_states if not version or s[0] == version]
+            if not states:
+                raise ModelNotFoundError(
+                    f"no such version; versions: {', '.join(map(str, summary.versions)) or 'none'}"
+                )
+        statuses = []
+        for number, state, error in states:
+            if state == "available" and not self.core.is_ready(spec.name, number):
+                state = "loading" if self.core.phase is Phase.STARTING else "unloading"
+            statuses.append(ModelVersionStatus(number, STATES[state], UNKNOWN_ERROR if error else 0, error))
+        return statuses
+
+    def not_offered(self, method: Method) -> NoReturn:
+        """A method we do not offer, saying what to use instead (rather than a transport's bare "not found")."""
+        raise NotOfferedError(
+            f"{method.name} is not offered by this server (it serves TF Serving's Predict, GetModelMetadata and "
+            f"GetModelStatus): {NOT_OFFERED[method]}"
+        )
