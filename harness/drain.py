@@ -37,7 +37,6 @@ async def drain_round(
     expected: float,
     channels: int = 1,
     callers: int = CALLERS,
-    stop_when_refused: bool = False,
 ) -> tuple[Outcomes, list[float]]:
     """`callers` closed-loop callers over `channels` connections, SIGTERM, and every call recorded as (sent
     before/after the signal, code), with every OK answer that differs from `expected`.
@@ -49,10 +48,8 @@ async def drain_round(
     for accepted work while it already refuses new work. Without holds (a benchmark), the callers run for a
     second before the signal, and what counts as "before" depends on when each call reached the server.
 
-    `stop_when_refused`: a caller stops at its first UNAVAILABLE or CANCELLED after the signal, as one that goes
-    elsewhere would. With --workers, a caller that keeps sending reconnects to a sibling worker that may be
-    closing its listener at that instant, and gRPC cancels a call sent in that instant (README, Health and
-    shutdown)."""
+    A refused caller retries with back-off until the server has exited (or for 30 s), as a client that retries
+    UNAVAILABLE does: with --workers it reconnects to a sibling worker, which must answer it too."""
     outcomes: Outcomes = collections.Counter()
     wrong: list[float] = []
     signalled: float | None = None
@@ -80,9 +77,6 @@ async def drain_round(
             except grpc.aio.AioRpcError as error:
                 record(when, error.code().name, None)
                 if server.process.poll() is not None:
-                    return
-                refused_here = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-                if stop_when_refused and when == "after" and refused_here:
                     return
                 await asyncio.sleep(backoff.delay())
 

@@ -26,7 +26,7 @@ from server.dataplane.admission import AdmissionControl
 from server.dataplane.inference import InferenceService
 from server.grpc import oip as oip_service
 from server.grpc import tfserving as tfserving_service
-from server.grpc.drain import MARK_METHOD, DrainMarker
+from server.grpc.drain import CLOSED, IDLE, MARK_METHOD, QUIET, DrainMarker, Siblings, wait_quiet
 from server.grpc.health import HealthService
 from server.grpc.rpc import add_service
 from server.grpc.security import BearerTokenInterceptor
@@ -43,8 +43,11 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = modelserver_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-# Seconds without a new call before the listener closes, and seconds allowed for its GOAWAY to reach clients.
-QUIET_BEFORE_CLOSE = 0.05
+# Seconds without a new call (or an answer, which its caller follows with a new call) before the listener closes,
+# and seconds allowed for its GOAWAY to reach clients. A call that arrives after the close, before its client has
+# read the GOAWAY, is cancelled by gRPC: 50 ms was shorter than a busy client takes to call again (2 of 10 drains of
+# two workers lost calls with the machine's two cores saturated; none in 18 at 0.2 s).
+QUIET_BEFORE_CLOSE = 0.2
 # Seconds at most of holding new calls before the listener closes anyway (callers that never stop sending, an
 # open loop, must not use up the grace period, whose end would cancel the held calls).
 MAX_HOLD = 2.0
@@ -150,11 +153,14 @@ def _grpc_server(
     )
 
 
-async def _drain(settings: Settings, server: grpc.aio.Server, core: InferenceService, marker: DrainMarker) -> None:
+async def _drain(
+    settings: Settings, server: grpc.aio.Server, core: InferenceService, marker: DrainMarker, siblings: Siblings
+) -> None:
     """Shut down without losing accepted work (SPEC §6): NOT_SERVING at once; serve normally for
     --shutdown-delay; keep serving until every call gRPC received before now has reached a handler; then
     refuse new calls with UNAVAILABLE, finish the accepted ones, and close the listener only once gRPC holds
-    no call that our handlers have not answered."""
+    no call that our handlers have not answered. With --workers, the last steps are taken by every worker
+    together (`siblings`, server/grpc/drain.py)."""
     core.begin_stopping()
     if settings.shutdown_delay > 0:
         log.info("NOT_SERVING; serving on for --shutdown-delay %.1fs so that load balancers stop routing here",
@@ -179,18 +185,26 @@ async def _drain(settings: Settings, server: grpc.aio.Server, core: InferenceSer
     )
     if not await core.wait_idle(remaining()):
         log.warning("grace period over with %d request(s) still running", core.in_flight)
+    answered = time.monotonic()  # the callers answered just now call again at once: quiet counts from here too
     # Closing the listener sends clients a GOAWAY, but gRPC cancels every call that reaches it afterwards, and a
     # caller refused at once sends again at once. So new calls are now held: once every caller's call is held
-    # (no arrival for QUIET_BEFORE_CLOSE), the listener closes, and the held calls get UNAVAILABLE after the
-    # GOAWAY has reached their clients.
+    # (no arrival for QUIET_BEFORE_CLOSE, and none left inside gRPC), the listener closes, and the held calls get
+    # UNAVAILABLE after the GOAWAY has reached their clients. With --workers, each of these steps waits for every
+    # worker: a caller sent away by one worker reconnects to a sibling, which must then be refusing at once or
+    # holding, never closing (server/grpc/drain.py).
+    await siblings.agree(IDLE, remaining())
     core.begin_closing()
-    await marker.pass_through(remaining())
     hold_until = time.monotonic() + min(remaining(), MAX_HOLD)
-    while time.monotonic() < hold_until and time.monotonic() - core.last_arrival < QUIET_BEFORE_CLOSE:
-        await asyncio.sleep(QUIET_BEFORE_CLOSE / 2)
+    quiet = functools.partial(wait_quiet, marker, lambda: max(core.last_arrival, answered), QUIET_BEFORE_CLOSE)
+    await quiet(hold_until)
+    await siblings.agree(QUIET, max(0.0, hold_until - time.monotonic()))
+    await quiet(hold_until)  # calls that arrived while the siblings became quiet are held: quiet again
     # Even with the grace period used up, the held calls get their UNAVAILABLE rather than gRPC's CANCELLED.
-    stopping = asyncio.create_task(server.stop(max(min(remaining(), 5.0), GOAWAY_TRAVEL + 0.5)))
-    await asyncio.sleep(GOAWAY_TRAVEL)
+    grace = max(min(remaining(), 5.0), GOAWAY_TRAVEL + 0.5)
+    closed = time.monotonic()
+    stopping = asyncio.create_task(server.stop(grace))
+    await siblings.agree(CLOSED, grace - GOAWAY_TRAVEL - 0.2)
+    await asyncio.sleep(max(0.0, closed + GOAWAY_TRAVEL - time.monotonic()))
     core.release_held()
     await stopping
 
@@ -222,7 +236,7 @@ class _Listener:
     metrics_port: int | None
 
 
-def _build_core(settings: Settings) -> _Core:
+def _build_core(settings: Settings, siblings: Siblings) -> _Core:
     """Phase 1, wiring: settings -> registry -> batcher and admission -> data plane (nothing runs yet)."""
     executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="model")
     batcher = Batcher(executor, settings.batching_for)
@@ -235,6 +249,9 @@ def _build_core(settings: Settings) -> _Core:
         settings.version_policy_for,
         builtin=BUILTIN_MODELS,
     )
+    # Ready (SERVING, and calls taken) only once every worker of the server is: a lone server as soon as it is.
+    manager.whole_server_serving = siblings.all_serving
+    siblings.attach(manager.republish)
     core = InferenceService(manager, batcher, settings.batching_for, admission.check)
     return _Core(executor, batcher, admission, loading, manager, core)
 
@@ -355,14 +372,22 @@ async def _stop_while_starting(listener: _Listener, parts: _Core) -> int:
     return 0
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callable[[str], None] | None = None) -> int:
+async def serve(
+    settings: Settings,
+    *,
+    reuse_port: bool = False,
+    notify: Callable[[str], None] | None = None,
+    siblings: Siblings | None = None,
+) -> int:
     """Run the server until SIGTERM/SIGINT; returns the process exit code. As one of --workers (server/workers/)
-    it shares the port (`reuse_port`) and tells its supervisor when it is "listening" and "serving" (`notify`).
+    it shares the port (`reuse_port`), tells its supervisor when it is "listening" and "serving" (`notify`), is
+    ready only once every worker serves, and drains together with them (`siblings`).
 
     The phases, in order: wire the core, listen, load (until SERVING), serve until a signal, drain, close."""
+    siblings = siblings or Siblings()
     started = time.perf_counter()
     metrics.track_gc_pauses()
-    parts = _build_core(settings)
+    parts = _build_core(settings, siblings)
     listener = await _listen(settings, parts, reuse_port)
     if listener is None:
         await parts.close(wait=False)
@@ -387,7 +412,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False, notify: Callabl
         exit_code = 1  # start-up failed: drain what little there is, and exit non-zero
     if polling is not None:
         polling.cancel()
-    await _drain(settings, listener.server, parts.core, listener.marker)
+    await _drain(settings, listener.server, parts.core, listener.marker, siblings)
     await parts.close(wait=True)
     listener.marker.close()
     log.info("stopped")

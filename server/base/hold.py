@@ -1,4 +1,5 @@
-"""Hold points for tests (--test-hold-dir): the server waits at a named point while a file of that name exists.
+"""Hold points for tests (--test-hold-dir): the server waits at a named point while a file of that name exists,
+or one named `<point>.<pid>` for its process alone (with --workers, to hold one worker and not the others).
 
 A test that needs "the model is busy" or "the server is still loading" closes a point by creating the file,
 learns that a call is waiting there from the point's `.arrived` file (one line per arrival), and opens the point
@@ -34,12 +35,13 @@ class HoldPoints:
             return
         assert point in POINTS, point
         gate = self.folder / point
-        if not gate.exists():
+        own = self.folder / f"{point}.{os.getpid()}"  # this process alone (one of --workers)
+        if not (gate.exists() or own.exists()):
             return
         with self._lock, (self.folder / f"{point}.arrived").open("a") as arrived:
             arrived.write(f"{os.getpid()} {what}\n")
-        log.info("held at %s (%s) until %s is removed", point, what, gate)
-        while gate.exists():
+        log.info("held at %s (%s) until %s is removed", point, what, gate if gate.exists() else own)
+        while gate.exists() or own.exists():
             time.sleep(POLL_SECONDS)
 
 

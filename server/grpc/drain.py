@@ -1,9 +1,16 @@
-"""Drain markers: how the server learns that gRPC has handed over every call it had received.
+"""Drain markers: how the server learns that gRPC has handed over every call it had received; and the steps of a
+drain that the processes of one server (--workers) take together.
 
 grpc.aio asks gRPC core for one call at a time, so under load calls wait inside core, received but not yet
 handed to a handler. Core kills such calls with CANCELLED when the server stops, and our handlers never
 see them. A marker is an RPC the server sends to itself over a private Unix socket: core queues calls in
 arrival order, so when the marker reaches its handler, every call received before it has reached ours.
+
+With --workers, several processes listen on one port and the kernel hands each new connection to one of them.
+A caller whose worker refused, released or closed its connection reconnects, to a sibling: if that sibling is
+closing its listener at that instant, gRPC cancels the call (CANCELLED, which clients do not retry). So no worker
+holds calls before every worker has answered its accepted ones, no listener closes before every worker holds its
+callers, and no held call is answered before every listener is closed (`Siblings`, server/workers/supervisor.py).
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -64,3 +73,45 @@ class DrainMarker:
 
     def close(self) -> None:
         self._folder.cleanup()
+
+
+async def wait_quiet(marker: DrainMarker, last_activity: Callable[[], float], quiet: float, until: float) -> None:
+    """Return once no call has arrived for `quiet` seconds, and a marker sent after that found none either.
+    `last_activity()` is the time.monotonic() of the latest call that reached a handler, or of the latest answer
+    (its caller calls again at once, and that call is on its way); a call received by gRPC but not yet handed to a
+    handler is invisible there, and the listener's close would cancel it: the marker finds it. Returns at `until`
+    in any case (callers that never pause, such as an open loop, must not hold the drain)."""
+    while (now := time.monotonic()) < until:
+        wait = quiet - (now - last_activity())
+        if wait > 0:
+            await asyncio.sleep(min(wait, until - now))
+            continue
+        await marker.pass_through(until - now)
+        if last_activity() < now:
+            return
+
+
+# The steps of a drain that every worker of a server reaches before any goes past it (README, Workers).
+IDLE = "idle"  # every accepted call answered (new ones are refused at once until all workers are here)
+QUIET = "quiet"  # new calls are held, and none has arrived for a moment: the callers wait, none is sending
+CLOSED = "closed"  # the listener is closed (its GOAWAY sent): a held caller released now finds no sibling open
+STEPS = (IDLE, QUIET, CLOSED)
+
+
+class Siblings:
+    """The other processes that serve this server's port (--workers), for what they must do as one: be ready (the
+    server serves once every worker does) and stop (`STEPS`). A lone server has none, which is this class: it is
+    ready as soon as it is, and every step is agreed at once. server/workers/supervisor.py has a worker's."""
+
+    def attach(self, on_all_serving: Callable[[], None]) -> None:
+        """Called on the server's event loop before it serves; `on_all_serving` runs there once every sibling serves
+        too (never, here: `all_serving()` is always true)."""
+
+    def all_serving(self) -> bool:
+        """Whether every process of the server has loaded its models and serves (cheap: asked at every request)."""
+        return True
+
+    async def agree(self, step: str, timeout: float) -> bool:
+        """Tell the siblings that this process reached `step` and wait until every one has; False when `timeout`
+        seconds passed first (the drain then goes on alone rather than use up the grace period)."""
+        return True

@@ -126,7 +126,10 @@ class ModelManager:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._sync_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()  # retirements and notifications: referenced until done
-        self.phase = Phase.STARTING
+        self._phase = Phase.STARTING
+        # --workers: whether every worker of the server serves (server/workers/). Until then this process reads as
+        # STARTING even with its own models ready, so that readiness means the whole server serves.
+        self.whole_server_serving: Callable[[], bool] = lambda: True
         self.changed = asyncio.Condition()  # notified on every change of phase or state (health Watch)
 
     # -- the server's phase -----------------------------------------------------------------------
@@ -137,8 +140,24 @@ class ModelManager:
             for entry in model.versions.values():
                 entry.frozen = entry.runtime is not None
 
+    @property
+    def phase(self) -> Phase:
+        """The phase every reader sees: SERVING only once the whole server serves (`whole_server_serving`)."""
+        if self._phase is Phase.SERVING and not self.whole_server_serving():
+            return Phase.STARTING
+        return self._phase
+
+    @phase.setter
+    def phase(self, phase: Phase) -> None:
+        self._phase = phase
+
     def set_phase(self, phase: Phase) -> None:
-        self.phase = phase
+        self._phase = phase
+        self._publish()
+
+    def republish(self) -> None:
+        """The whole server serves now (`whole_server_serving` turned true): tell the readers that are told (the
+        ready gauge, health Watch), as set_phase does."""
         self._publish()
 
     # -- readers ----------------------------------------------------------------------------------

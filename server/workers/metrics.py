@@ -18,6 +18,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+# Bytes at the start of a metrics file that say how much of it is used: a shorter file is being created.
+HEADER_BYTES = 8
 # Family names (a counter's without _total) of the process collector's figures that add up across processes.
 SUMMED = ("process_virtual_memory_bytes", "process_resident_memory_bytes", "process_cpu_seconds", "process_open_fds")
 COUNTERS = ("process_cpu_seconds",)
@@ -32,7 +34,7 @@ class ServerProcesses(Collector):
     """Process figures summed over the supervisor and its running workers, and requests answered per worker.
 
     `running` gives the pids of the running workers by worker index; `started` every pid a worker ever had;
-    `serving` how many workers have loaded their models and serve."""
+    `serving` how many workers have loaded their models (every worker serves once all have)."""
 
     def __init__(
         self,
@@ -64,7 +66,9 @@ class ServerProcesses(Collector):
                                     value=own["process_max_fds"])  # fmt: skip
         yield GaugeMetricFamily("modelserver_workers", "Worker processes running.", value=len(running))
         yield GaugeMetricFamily(
-            "modelserver_workers_serving", "Workers that have loaded their models and serve.", value=self._serving()
+            "modelserver_workers_serving",
+            "Workers that have loaded their models (the server serves once all have).",
+            value=self._serving(),
         )
         per_worker = CounterMetricFamily(
             "modelserver_worker_requests",
@@ -77,7 +81,7 @@ class ServerProcesses(Collector):
 
     def _worker_requests(self, pid: int) -> float:
         counters = self._path / f"counter_{pid}.db"
-        if not counters.is_file():
+        if not _readable(counters):
             return 0.0
         return sum(
             s.value
@@ -88,6 +92,30 @@ class ServerProcesses(Collector):
         )
 
 
+def _readable(path: Path) -> bool:
+    """Whether a worker's metrics file can be read now. prometheus_client creates a file empty and sizes it just
+    after; reading it in between raises (struct.error), which failed the whole scrape with HTTP 500 (seen about once
+    in 20 starts of two workers on a busy machine: each worker creates a file when it first uses a kind of metric).
+    Such a file holds nothing yet, so it is skipped."""
+    try:
+        return path.stat().st_size >= HEADER_BYTES
+    except FileNotFoundError:  # removed by mark_process_dead since it was listed
+        return False
+
+
+class _WorkersCollector(MultiProcessCollector):
+    """MultiProcessCollector, without the files that are being created at this instant (`_readable`)."""
+
+    def __init__(self, registry: CollectorRegistry, path: Path) -> None:
+        self._folder = path
+        super().__init__(registry, path=str(path))  # type: ignore[no-untyped-call]  # unannotated
+
+    def collect(self) -> Iterable[Metric]:
+        files = [str(f) for f in self._folder.glob("*.db") if _readable(f)]
+        metrics: Iterable[Metric] = self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]  # unannotated
+        return metrics
+
+
 def supervisor_registry(
     path: Path,
     running: Callable[[], Mapping[int, int]],
@@ -96,6 +124,6 @@ def supervisor_registry(
 ) -> CollectorRegistry:
     """The registry the supervisor serves at /metrics."""
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(path))  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
+    _WorkersCollector(registry, path)
     registry.register(ServerProcesses(path, running, started, serving))
     return registry

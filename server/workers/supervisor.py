@@ -10,12 +10,18 @@ Each worker is the ordinary server (server/app.py) with its own health service, 
 supervisor serves the summed metrics (server/workers/metrics.py), forwards SIGTERM/SIGINT to every worker as
 SIGTERM and exits 0 once all have drained. A worker that dies ends the server: the others drain and the
 supervisor exits 1, so that the orchestrator restarts it whole (see README, Workers).
+
+The workers act as one server where a client could tell them apart (server/grpc/drain.py, Siblings): none is ready
+(ServerReady, health, ModelReady, calls taken) before every one serves, which a flag in shared memory says to all of
+them at the same instant; and their drains pass the last steps together, agreed through the supervisor over each
+worker's pipe, so that a caller sent away by one worker never reaches a sibling that is closing its listener.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
@@ -26,13 +32,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from server.base.ports import write_port_file
+from server.grpc.drain import STEPS, Siblings
 from server.settings import Settings, configure_logging
 
 log = logging.getLogger(__name__)
@@ -41,6 +49,9 @@ SPAWN = get_context("spawn")
 # Seconds past --shutdown-delay + --grace-period after which a worker still running is killed.
 KILL_MARGIN = 10.0
 POLL_SECONDS = 0.5
+# Supervisor to worker: every worker serves; every running worker has reached a drain step (server/grpc/drain.py).
+ALL_SERVING = "all serving"
+AGREED = "agreed"
 
 
 def worker_count(requested: int) -> int:
@@ -88,29 +99,87 @@ def _export(settings: Settings) -> None:
         sys.exit(1)
 
 
-def _worker(settings: Settings, index: int, conn: Connection) -> None:
+class _SupervisorLink(Siblings):
+    """A worker's side of its pipe to the supervisor, and of the flag that says every worker serves.
+
+    Messages: the worker sends its states ("listening", "serving") and the drain steps it reaches; the supervisor
+    sends ALL_SERVING once every worker serves, and (AGREED, step) once every running worker has reached a step.
+    A thread reads the pipe; when it closes (the supervisor died, even by SIGKILL) the worker drains alone and
+    exits rather than hold the port."""
+
+    def __init__(self, conn: Connection, serving: ctypes.c_bool) -> None:
+        self._conn = conn
+        self._serving = serving
+        self._ready = False  # the flag read true once: it never turns false again
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_all_serving: Callable[[], None] = lambda: None
+        self._agreed: set[str] = set()
+        self._waiting: dict[str, asyncio.Event] = {}
+        self._alone = False  # the supervisor is gone: nothing left to agree with
+        threading.Thread(target=self._read, name="supervisor-watch", daemon=True).start()
+
+    def notify(self, state: str) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send(state)
+
+    def attach(self, on_all_serving: Callable[[], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._on_all_serving = on_all_serving
+
+    def all_serving(self) -> bool:
+        if not self._ready:
+            self._ready = bool(self._serving.value)
+        return self._ready
+
+    async def agree(self, step: str, timeout: float) -> bool:
+        if self._alone or step in self._agreed:
+            return True
+        agreed = self._waiting.setdefault(step, asyncio.Event())
+        self.notify(step)
+        try:
+            await asyncio.wait_for(agreed.wait(), timeout)
+        except TimeoutError:
+            log.warning("the other workers did not reach drain step %r within %.1fs; going on alone", step, timeout)
+            return False
+        return True
+
+    def _read(self) -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                message = self._conn.recv()
+                if message == ALL_SERVING:
+                    self._post(self._on_all_serving)
+                elif isinstance(message, tuple) and message[0] == AGREED:
+                    self._post(self._agree, message[1])
+        self._alone = True
+        self._post(self._agree, *STEPS)
+        log.warning("supervisor gone; shutting down")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _post(self, callback: Callable[..., None], *args: str) -> None:
+        """Run `callback` on the server's event loop (dropped before the server runs, or once it has stopped)."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is exiting
+                self._loop.call_soon_threadsafe(callback, *args)
+
+    def _agree(self, *steps: str) -> None:
+        for step in steps:
+            self._agreed.add(step)
+            if step in self._waiting:
+                self._waiting[step].set()
+
+
+def _worker(settings: Settings, index: int, conn: Connection, serving: ctypes.c_bool) -> None:
     """Spawned worker: the ordinary server on the shared port, reporting its state to the supervisor."""
     os.setpgrp()  # signals come from the supervisor alone (a terminal's Ctrl-C reaches it, and it forwards SIGTERM)
     configure_logging(settings.log_level)
     formatter = logging.Formatter(f"%(asctime)s %(levelname)s [worker {index} pid %(process)d] %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.setFormatter(formatter)
-
-    def orphaned() -> None:  # the supervisor died (even by SIGKILL): drain and exit rather than hold the port
-        with contextlib.suppress(EOFError, OSError):
-            while True:
-                conn.recv()
-        log.warning("supervisor gone; shutting down")
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def notify(state: str) -> None:
-        with contextlib.suppress(OSError):
-            conn.send(state)
-
-    threading.Thread(target=orphaned, name="supervisor-watch", daemon=True).start()
+    link = _SupervisorLink(conn, serving)
     from server.app import serve
 
-    code = asyncio.run(serve(settings, reuse_port=True, notify=notify))
+    code = asyncio.run(serve(settings, reuse_port=True, notify=link.notify, siblings=link))
     # Drained and stopped: exit now. The interpreter's own teardown (TensorFlow's and gRPC's threads) took 5-10 s
     # more and holds nothing worth waiting for; metrics live in files already, logs are flushed here.
     logging.shutdown()
@@ -125,6 +194,7 @@ class _Worker:
     state: str = "starting"  # then "listening", "serving", and "exited"
     pid: int = 0
     signalled: bool = False
+    reached: set[str] = dataclasses.field(default_factory=set)  # the drain steps it has reached (server/grpc/drain.py)
 
 
 def _describe(exitcode: int | None) -> str:
@@ -144,6 +214,9 @@ class Supervisor:
         self.failed = False
         self.metrics_port: int | None = None
         self._kill_at = float("inf")
+        # Set once every worker serves, read by every worker at each readiness question: they turn ready together.
+        self._all_serving = typing.cast(ctypes.c_bool, SPAWN.Value(ctypes.c_bool, False, lock=False))
+        self._agreed: set[str] = set()
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT or a worker's death; returns the exit code (0: every worker drained)."""
@@ -231,7 +304,9 @@ class Supervisor:
     def _start_worker(self, index: int, port: int) -> None:
         settings = dataclasses.replace(self.settings, grpc_port=port, metrics=False, port_file=None, workers=1)
         conn, child_conn = SPAWN.Pipe()
-        process = SPAWN.Process(target=_worker, args=(settings, index, child_conn), name=f"modelserver-worker-{index}")
+        process = SPAWN.Process(
+            target=_worker, args=(settings, index, child_conn, self._all_serving), name=f"modelserver-worker-{index}"
+        )
         process.start()
         child_conn.close()
         self.workers.append(_Worker(index, process, conn, pid=process.pid or 0))
@@ -259,7 +334,7 @@ class Supervisor:
             for worker in live:
                 if worker.conn in ready:
                     with contextlib.suppress(EOFError, OSError):  # EOF: it exited, and its sentinel says so too
-                        worker.state = worker.conn.recv()
+                        self._on_message(worker, worker.conn.recv())
                 if worker.process.sentinel in ready or not worker.process.is_alive():
                     worker.process.join()
                     worker.state = "exited"
@@ -275,10 +350,41 @@ class Supervisor:
                     write_port_file(self.settings.port_file, port, self.metrics_port, [w.pid for w in self.workers])
             if "serving" not in announced and all(s == "serving" for s in states) and not self.stop_requested:
                 announced.add("serving")
+                self._all_serving.value = True  # before the messages: a worker told reads the flag true
+                for worker in self.workers:
+                    self._send(worker, ALL_SERVING)
                 log.info("SERVING with %d workers (pids %s) after %.2fs", self.count,
                          " ".join(str(w.pid) for w in self.workers), time.perf_counter() - started)  # fmt: skip
+            self._agree()
         log.info("stopped")
         return 1 if self.failed else 0
+
+    def _on_message(self, worker: _Worker, message: str) -> None:
+        if message not in STEPS:
+            worker.state = message
+            return
+        worker.reached.add(message)
+        if not self.stop_requested:  # SIGTERM reached this worker alone: it leaves, and a server without it stops
+            log.error("worker %d (pid %d) is draining on its own; draining the other workers and exiting with code 1",
+                      worker.index, worker.pid)  # fmt: skip
+            self.failed = True
+            self._stop()
+
+    def _agree(self) -> None:
+        """Tell every running worker each drain step that all of them have reached; a worker that has exited has
+        passed every step (it holds no caller and no listener any more)."""
+        live = [w for w in self.workers if w.state != "exited"]
+        for step in STEPS:
+            if step not in self._agreed and live and all(step in w.reached for w in live):
+                self._agreed.add(step)
+                for worker in live:
+                    self._send(worker, (AGREED, step))
+
+    @staticmethod
+    def _send(worker: _Worker, message: object) -> None:
+        if worker.state != "exited":
+            with contextlib.suppress(OSError):  # it is exiting: its sentinel will say so
+                worker.conn.send(message)
 
     def _on_exit(self, worker: _Worker) -> None:
         code = worker.process.exitcode
