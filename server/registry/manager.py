@@ -147,10 +147,6 @@ class ModelManager:
             return Phase.STARTING
         return self._phase
 
-    @phase.setter
-    def phase(self, phase: Phase) -> None:
-        self._phase = phase
-
     def set_phase(self, phase: Phase) -> None:
         self._phase = phase
         self._publish()

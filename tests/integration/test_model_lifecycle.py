@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+from tensorflow_serving.apis import get_model_status_pb2
 from tritonclient.utils import InferenceServerException
 
 from harness.backoff import Backoff
@@ -33,6 +33,7 @@ from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 from server.registry import repository
 from tests.helpers.models import keras_outputs
+from tests.helpers.repositories import make_repository, status
 
 OTHER_SEED = 99  # version 2 is exported with another seed, so its answers differ from version 1's
 CALLERS = 64
@@ -65,26 +66,11 @@ def expected() -> dict[int, float]:
     return {v: float(keras_outputs(build(seed), inputs)["output"][0, 0]) for v, seed in ((1, 1234), (2, OTHER_SEED))}
 
 
-def make_repository(base: Path, model_repository: Path) -> Path:
-    """A repository of its own with the session's exported built-in models (copied, so nothing is exported)."""
-    repo = base / "repository"
-    for name in BUILTIN_MODELS:
-        shutil.copytree(model_repository / name / "1", repo / name / "1")
-    return repo
-
-
 def publish(source: Path, target: Path) -> None:
     """Copy a version into place atomically: into a hidden folder first, then renamed (README: repository)."""
     staging = target.parent / f".copy-{target.name}"
     shutil.copytree(source, staging)
     staging.rename(target)
-
-
-def status(server: ServerProcess, model: str = "multi_input") -> dict[int, tuple[int, str]]:
-    request = get_model_status_pb2.GetModelStatusRequest()
-    request.model_spec.name = model
-    response = model_service_pb2_grpc.ModelServiceStub(server.channel).GetModelStatus(request, timeout=10)
-    return {s.version: (s.state, s.status.error_message) for s in response.model_version_status}
 
 
 def wait_for(what: str, condition: Callable[[], bool], timeout: float = 120) -> None:

@@ -20,14 +20,14 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+from tensorflow_serving.apis import get_model_status_pb2
 
 from harness.server import ServerProcess
-from models.registry import BUILTIN_MODELS
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 from server.registry import repository
 from tests.helpers.models import keras_outputs
+from tests.helpers.repositories import make_repository, status
 
 CALLERS = 16
 CHURN_ROUNDS = 20
@@ -47,10 +47,7 @@ def expected(keras_models) -> float:
 @pytest.fixture
 def repo(tmp_path: Path, server, model_repository: Path) -> Path:
     """A repository of its own with the session's exported built-in models (copied: nothing is exported)."""
-    repo = tmp_path / "repository"
-    for name in BUILTIN_MODELS:
-        shutil.copytree(model_repository / name / "1", repo / name / "1")
-    return repo
+    return make_repository(tmp_path, model_repository)
 
 
 @pytest.fixture
@@ -130,10 +127,7 @@ class Traffic:
 
 
 def versions(server: ServerProcess) -> dict[int, int]:
-    request = get_model_status_pb2.GetModelStatusRequest()
-    request.model_spec.name = "multi_input"
-    response = model_service_pb2_grpc.ModelServiceStub(server.channel).GetModelStatus(request, timeout=10)
-    return {s.version: s.state for s in response.model_version_status}
+    return {version: state for version, (state, _) in status(server).items()}
 
 
 def wait_for(what: str, condition: Callable[[], bool], traffic: Traffic, timeout: float = 180) -> None:
