@@ -45,12 +45,14 @@ def scrape(port: int | None) -> str:
 
 
 def sample_value(metrics_text: str, name: str, **labels: str) -> float:
-    """One sample of a /metrics text, by name and labels (0.0 when absent, as a counter not yet incremented is)."""
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    """The samples of a /metrics text with this name and these labels, summed over the labels not given (such as
+    `transport`: grpc and http); 0.0 when absent, as a counter not yet incremented is."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 class ServerProcess:
@@ -104,6 +106,8 @@ class ServerProcess:
             ports = self._wait_ports()
             self.port: int = ports["grpc_port"]
             self.metrics_port: int | None = ports["metrics_port"]
+            self.http_port: int | None = ports.get("http_port")
+            self.http_url = f"http://127.0.0.1:{self.http_port}" if self.http_port else ""
             self.server_pids: list[int] = ports["server_pids"]
             others = (procs.process(pid) for pid in self.server_pids if pid != self.process.pid)
             self._workers = [seen for seen in others if seen is not None]  # killed by kill() even once orphaned
@@ -170,7 +174,7 @@ class ServerProcess:
         return scrape(self.metrics_port)
 
     def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample (0.0 when absent, as a counter not yet incremented is)."""
+        """The samples with this name and labels, summed (0.0 when absent, as a counter not yet incremented is)."""
         return sample_value(self.metrics_text(), name, **labels)
 
     # Hold points (--test-hold-dir): the test, not the machine's speed, decides how long the server is busy.

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from models.registry import BUILTIN_MODELS
 from modelserver.v1 import modelserver_pb2
@@ -31,6 +32,12 @@ from server.grpc.health import HealthService
 from server.grpc.rpc import add_service
 from server.grpc.security import BearerTokenInterceptor
 from server.grpc.typed import ModelService
+from server.http import documents as http_documents
+from server.http import oip as oip_http
+from server.http import tfserving as tfserving_http
+from server.http.api import HttpApi
+from server.http.server import HttpServer, listening_socket
+from server.protocols.oip.handlers import server_version
 from server.registry import repository
 from server.registry.manager import ModelManager, Phase
 from server.runtimes.base import ModelRuntime
@@ -153,14 +160,15 @@ def _grpc_server(
     )
 
 
-async def _drain(
-    settings: Settings, server: grpc.aio.Server, core: InferenceService, marker: DrainMarker, siblings: Siblings
-) -> None:
+async def _drain(settings: Settings, listener: _Listener, core: InferenceService, siblings: Siblings) -> None:
     """Shut down without losing accepted work (SPEC §6): NOT_SERVING at once; serve normally for
     --shutdown-delay; keep serving until every call gRPC received before now has reached a handler; then
     refuse new calls with UNAVAILABLE, finish the accepted ones, and close the listener only once gRPC holds
     no call that our handlers have not answered. With --workers, the last steps are taken by every worker
-    together (`siblings`, server/grpc/drain.py)."""
+    together (`siblings`, server/grpc/drain.py). HTTP follows the same phases: every reply says `Connection: close`
+    from the signal on, new requests get 503 once draining, and the listener closes with gRPC's, after the requests
+    it accepted are answered."""
+    server, marker = listener.server, listener.marker
     core.begin_stopping()
     if settings.shutdown_delay > 0:
         log.info("NOT_SERVING; serving on for --shutdown-delay %.1fs so that load balancers stop routing here",
@@ -206,7 +214,7 @@ async def _drain(
     await siblings.agree(CLOSED, grace - GOAWAY_TRAVEL - 0.2)
     await asyncio.sleep(max(0.0, closed + GOAWAY_TRAVEL - time.monotonic()))
     core.release_held()
-    await stopping
+    await asyncio.gather(stopping, listener.close_http(max(1.0, remaining())))
 
 
 @dataclass
@@ -228,12 +236,17 @@ class _Core:
 
 @dataclass
 class _Listener:
-    """The gRPC transport, listening, and the metrics endpoint."""
+    """The gRPC transport, listening, the HTTP one (None: --http-port 0), and the metrics endpoint."""
 
     server: grpc.aio.Server
     marker: DrainMarker
     port: int
     metrics_port: int | None
+    http: HttpServer | None = None
+
+    async def close_http(self, timeout: float) -> None:
+        if self.http is not None:
+            await self.http.close(timeout)
 
 
 def _build_core(settings: Settings, siblings: Siblings) -> _Core:
@@ -277,7 +290,38 @@ def _add_services(settings: Settings, server: grpc.aio.Server, parts: _Core) -> 
         reflection.enable_server_reflection(names, server)
 
 
-async def _listen(settings: Settings, parts: _Core, reuse_port: bool) -> _Listener | None:
+def _http_api(settings: Settings, parts: _Core, tokens: tuple[bytes, ...], registry: CollectorRegistry) -> HttpApi:
+    """The REST APIs over the same data plane: TF Serving's, the Open Inference Protocol's, /openapi.json, and
+    /metrics when it shares the port."""
+    routes = [
+        *oip_http.routes(parts.core, settings.repository_control),
+        *tfserving_http.routes(parts.core),
+        *http_documents.routes(registry if settings.metrics_on_rest_port else None, server_version()),
+    ]
+    api = HttpApi(parts.core, routes, tokens, settings.max_receive_message_bytes, parts.admission)
+    parts.admission.elsewhere = lambda: api.in_progress
+    return api
+
+
+async def _listen_http(
+    settings: Settings, parts: _Core, tokens: tuple[bytes, ...], reuse_port: bool, registry: CollectorRegistry
+) -> HttpServer:
+    """The HTTP listener (raises OSError when its port cannot be had)."""
+    assert settings.rest_port is not None
+    tls = None
+    if settings.tls_enabled:
+        assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+        tls = (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    server = HttpServer(
+        _http_api(settings, parts, tokens, registry), settings.http_idle_timeout, settings.http_header_timeout, tls
+    )
+    await server.start(listening_socket(settings.host, settings.rest_port, reuse_port))
+    return server
+
+
+async def _listen(
+    settings: Settings, parts: _Core, reuse_port: bool, registry: CollectorRegistry = REGISTRY
+) -> _Listener | None:
     """Phase 2, listening: the gRPC server with its services and auth, bound and started, and /metrics; models
     are not loaded yet, so health says NOT_SERVING and model calls get UNAVAILABLE. None when a port or a file
     cannot be had (logged)."""
@@ -302,10 +346,29 @@ async def _listen(settings: Settings, parts: _Core, reuse_port: bool) -> _Listen
     except RuntimeError as error:
         log.error("cannot listen on %s: %s (is the port in use?)", address, error)
         return None
-    metrics_port = None
-    if settings.metrics:
+    http = None
+    if settings.rest_port is not None:
         try:
-            metrics_port = metrics.serve_metrics(settings.metrics_address, settings.metrics_port)
+            http = await _listen_http(settings, parts, tokens, reuse_port, registry)
+        except OSError as error:
+            log.error("cannot listen for HTTP on %s:%d: %s (is the port in use?)", settings.host, settings.rest_port,
+                      error)  # fmt: skip
+            await server.stop(0)
+            return None
+        log.info(
+            "HTTP listening on %s://%s:%d (TF Serving's REST API /v1, the Open Inference Protocol /v2%s)",
+            "https" if settings.tls_enabled else "http",
+            settings.host,
+            http.port,
+            ", /metrics" if settings.metrics_on_rest_port else "",
+        )
+    metrics_port = None
+    if settings.metrics_on_rest_port:
+        assert http is not None
+        metrics_port = http.port
+    elif settings.metrics:
+        try:
+            metrics_port = metrics.serve_metrics(settings.metrics_address, settings.metrics_port, registry)
         except OSError as error:
             log.error("cannot serve metrics on %s:%d: %s", settings.metrics_address, settings.metrics_port, error)
             return None
@@ -320,8 +383,8 @@ async def _listen(settings: Settings, parts: _Core, reuse_port: bool) -> _Listen
         ", bearer-token authentication" if tokens else "",
     )
     if settings.port_file is not None:
-        write_port_file(settings.port_file, port, metrics_port, [os.getpid()])
-    return _Listener(server, marker, port, metrics_port)
+        write_port_file(settings.port_file, port, metrics_port, [os.getpid()], http.port if http else None)
+    return _Listener(server, marker, port, metrics_port, http)
 
 
 class _Signals:
@@ -367,6 +430,7 @@ async def _stop_while_starting(listener: _Listener, parts: _Core) -> int:
     removes it (server/registry/repository.py)."""
     log.info("signal received while starting: stopping now, nothing accepted yet")
     await listener.server.stop(0)
+    await listener.close_http(0)
     await parts.close(wait=False)
     listener.marker.close()
     return 0
@@ -378,17 +442,19 @@ async def serve(
     reuse_port: bool = False,
     notify: Callable[[str], None] | None = None,
     siblings: Siblings | None = None,
+    registry: CollectorRegistry = REGISTRY,
 ) -> int:
     """Run the server until SIGTERM/SIGINT; returns the process exit code. As one of --workers (server/workers/)
     it shares the port (`reuse_port`), tells its supervisor when it is "listening" and "serving" (`notify`), is
-    ready only once every worker serves, and drains together with them (`siblings`).
+    ready only once every worker serves, drains together with them (`siblings`), and its /metrics shows them all
+    (`registry`).
 
     The phases, in order: wire the core, listen, load (until SERVING), serve until a signal, drain, close."""
     siblings = siblings or Siblings()
     started = time.perf_counter()
     metrics.track_gc_pauses()
     parts = _build_core(settings, siblings)
-    listener = await _listen(settings, parts, reuse_port)
+    listener = await _listen(settings, parts, reuse_port, registry)
     if listener is None:
         await parts.close(wait=False)
         return 1
@@ -412,7 +478,7 @@ async def serve(
         exit_code = 1  # start-up failed: drain what little there is, and exit non-zero
     if polling is not None:
         polling.cancel()
-    await _drain(settings, listener.server, parts.core, listener.marker, siblings)
+    await _drain(settings, listener, parts.core, siblings)
     await parts.close(wait=True)
     listener.marker.close()
     log.info("stopped")

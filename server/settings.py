@@ -34,6 +34,10 @@ def _optional_path(value: str) -> Path | None:
     return Path(value) if value else None
 
 
+def _optional_int(value: str) -> int | None:
+    return int(value) if value.strip() else None
+
+
 _bool = parse_bool
 
 
@@ -60,6 +64,25 @@ class Settings:
     grpc_port: int = _setting(50051, "gRPC port; 0 picks a free port (logged at startup).", int)
     metrics_port: int = _setting(8000, "Prometheus /metrics HTTP port; 0 picks a free port (logged at startup).", int)
     metrics: bool = _setting(True, "Serve Prometheus /metrics at all.", _bool)
+    http_port: int | None = _setting(
+        None,
+        "HTTP port of the REST APIs (TF Serving's /v1 and the Open Inference Protocol's /v2), which also serves "
+        "/metrics, /openapi.json and the health endpoints; empty (the default) = the metrics port, so that one HTTP "
+        "port serves everything; 0 = no REST API (/metrics alone on the metrics port).",
+        _optional_int,
+    )
+    http_idle_timeout: float = _setting(
+        65.0,
+        "Seconds an HTTP keep-alive connection may stay idle before the server closes it (above the 60 s of common "
+        "load balancers, so that they close first).",
+        float,
+    )
+    http_header_timeout: float = _setting(
+        10.0,
+        "Seconds an HTTP connection has to send each request's head (from the connection, or from the previous "
+        "reply); slower clients are disconnected.",
+        float,
+    )
     port_file: Path | None = _setting(
         None,
         'When set, the ports bound are written to this file as JSON ({"grpc_port": N, "metrics_port": M}; '
@@ -184,9 +207,23 @@ class Settings:
     def validate(self) -> list[str]:
         """Every problem with these settings, each as a message naming the setting; empty when valid."""
         problems = []
-        for name in ("grpc_port", "metrics_port"):
-            if not 0 <= getattr(self, name) <= 65535:
-                problems.append(f"{name} must be between 0 and 65535, got {getattr(self, name)}")
+        for name in ("grpc_port", "metrics_port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                problems.append(f"{name} must be between 0 and 65535, got {value}")
+        if (
+            self.metrics
+            and self.rest_port == self.metrics_port
+            and not self.metrics_on_rest_port
+            and self.metrics_port != 0
+        ):
+            problems.append(
+                f"metrics_host {self.metrics_host} differs from host {self.host}, and /metrics would share the REST "
+                "API's port: give /metrics a --metrics-port of its own, or the REST API an --http-port of its own"
+            )
+        for name in ("http_idle_timeout", "http_header_timeout"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         for name in ("grace_period", "shutdown_delay"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
@@ -241,6 +278,20 @@ class Settings:
     @property
     def metrics_address(self) -> str:
         return self.metrics_host or self.host
+
+    @property
+    def rest_port(self) -> int | None:
+        """The REST API's port: --http-port, by default the metrics port; None when switched off (--http-port 0)."""
+        if self.http_port is None:
+            return self.metrics_port
+        return self.http_port or None
+
+    @property
+    def metrics_on_rest_port(self) -> bool:
+        """Whether the REST listener serves /metrics instead of a listener of its own (they share the port)."""
+        same_port = self.http_port is None or self.http_port == self.metrics_port
+        same_host = self.metrics_host in ("", self.host)
+        return self.metrics and self.rest_port is not None and same_port and same_host
 
     def auth_tokens(self) -> tuple[bytes, ...]:
         """The accepted bearer tokens: the token file's non-empty lines, or none when authentication is off."""

@@ -35,13 +35,14 @@ LATENCY_BUCKETS = (
 
 REQUESTS = Counter(
     "modelserver_requests",
-    "RPCs handled, by model, method and final gRPC status code.",
-    ["model", "method", "code"],
+    "Requests handled, by model, method, final status (gRPC's name, whatever the transport) and transport "
+    "(grpc, http).",
+    ["model", "method", "code", "transport"],
 )
 REQUEST_DURATION = Histogram(
     "modelserver_request_duration_seconds",
-    "Time from receiving an RPC to its reply, by model and method.",
-    ["model", "method"],
+    "Time from receiving a request to its reply, by model, method and transport (grpc, http).",
+    ["model", "method", "transport"],
     buckets=LATENCY_BUCKETS,
 )
 IN_FLIGHT = Gauge(

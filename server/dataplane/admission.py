@@ -55,7 +55,9 @@ class AdmissionControl:
         self.limit = limit
         self.keep_busy = keep_busy
         self._seconds_per_call = seconds_per_call
-        self.outstanding = 0
+        self.outstanding = 0  # in gRPC core, as last sampled
+        # Calls outstanding elsewhere, read at each check: the HTTP transport's requests in progress.
+        self.elsewhere: Callable[[], int] = lambda: 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -81,9 +83,12 @@ class AdmissionControl:
     def check(self, admitted: int) -> None:
         """Raise OverloadedError when more calls are outstanding than the limit allows and `admitted` requests
         (being answered now) keep the models busy."""
-        if self.limit and self.outstanding > self.limit and admitted >= self.keep_busy:
+        if not self.limit:
+            return
+        outstanding = self.outstanding + self.elsewhere()
+        if outstanding > self.limit and admitted >= self.keep_busy:
             raise OverloadedError(
-                f"the server is overloaded: {self.outstanding} requests are outstanding (limit {self.limit}); "
+                f"the server is overloaded: {outstanding} requests are outstanding (limit {self.limit}); "
                 f"back off and retry in about {round(self.backoff_seconds() * 1000)} ms"
             )
 
@@ -93,4 +98,4 @@ class AdmissionControl:
         if per_call is None:
             return BACKOFF_UNMEASURED
         low, high = BACKOFF_BOUNDS
-        return min(high, max(low, (self.outstanding - self.limit) * per_call))
+        return min(high, max(low, (self.outstanding + self.elsewhere() - self.limit) * per_call))

@@ -209,8 +209,8 @@ class OipService(Servicer):
                 )
             return pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=echo)
         finally:
-            REQUESTS.labels(label, Method.ModelStreamInfer, code.name).inc()
-            REQUEST_DURATION.labels(label, Method.ModelStreamInfer).observe(time.perf_counter() - started)
+            REQUESTS.labels(label, Method.ModelStreamInfer, code.name, "grpc").inc()
+            REQUEST_DURATION.labels(label, Method.ModelStreamInfer, "grpc").observe(time.perf_counter() - started)
 
 
 # Bytes per value of each typed-contents field (BYTES values are counted by their lengths).

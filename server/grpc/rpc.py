@@ -219,8 +219,8 @@ def rpc(method: str, model: Callable[[Any, Any], str]) -> Callable[[Handler[Any,
             def count() -> None:
                 nonlocal counted
                 counted = True
-                REQUESTS.labels(model_label, method, code.name).inc()
-                REQUEST_DURATION.labels(model_label, method).observe(time.perf_counter() - started)
+                REQUESTS.labels(model_label, method, code.name, "grpc").inc()
+                REQUEST_DURATION.labels(model_label, method, "grpc").observe(time.perf_counter() - started)
 
             try:
                 if isinstance(request, MalformedRequest):

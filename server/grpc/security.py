@@ -49,5 +49,5 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:  # an unknown method stays UNIMPLEMENTED, and adds no metric label
             return None
-        REQUESTS.labels(UNKNOWN_MODEL, method_label(details.method), grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        REQUESTS.labels(UNKNOWN_MODEL, method_label(details.method), grpc.StatusCode.UNAUTHENTICATED.name, "grpc").inc()
         return HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)](_deny)

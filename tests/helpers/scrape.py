@@ -21,10 +21,12 @@ class Metrics:
         ]
 
     def __call__(self, name: str, **labels: str) -> float:
-        for sample_name, sample_labels, value in self.samples:
-            if sample_name == name and all(sample_labels.get(k) == v for k, v in labels.items()):
-                return value
-        return 0.0
+        """The samples with this name and labels, summed over the labels not given (such as `transport`)."""
+        return sum(
+            value
+            for sample_name, sample_labels, value in self.samples
+            if sample_name == name and all(sample_labels.get(k) == v for k, v in labels.items())
+        )
 
     def requests(self, model: str, method: str, code: str) -> float:
         return self("modelserver_requests_total", model=model, method=method, code=code)

@@ -77,10 +77,11 @@ REQUEST_PARAMETERS = {
     "timeout": "an int64 deadline in microseconds, applied like a gRPC deadline",
     # perf_analyzer and tritonclient streams send it; with one response per request every response is final.
     "triton_enable_empty_final_response": "accepted; each response is final and says so (triton_final_response)",
+    "binary_data_output": "over HTTP: every output as binary data after the JSON header (gRPC replies are raw)",
 }
-INPUT_PARAMETERS = {"binary_data_size": "ignored (HTTP/REST framing)"}
+INPUT_PARAMETERS = {"binary_data_size": "over HTTP: the bytes of the input's binary data after the JSON header"}
 OUTPUT_PARAMETERS = {
-    "binary_data": "ignored: replies are always raw (raw_output_contents)",
+    "binary_data": "over HTTP: the output as binary data after the JSON header (gRPC replies are always raw)",
     "classification": "an int64 > 0: the output's top classes, as BYTES 'score:index' (no labels)",
 }
 # Datatypes Triton's classification extension ranks (not BOOL, BYTES, FP16 or BF16).
@@ -148,27 +149,34 @@ def serialize_bytes(array: np.ndarray) -> bytes:
 def _from_raw(
     model: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype, raw: bytes, count: int
 ) -> np.ndarray:
-    """`count`: the elements of the declared shape, already checked against the limits (declared_elements)."""
-    name = quoted(tensor.name)
-    if tensor.datatype == "BYTES":
+    return raw_tensor(model, tensor.name, tensor.datatype, tuple(tensor.shape), raw, count)
+
+
+def raw_tensor(model: str, name: str, datatype: str, shape: Sequence[int], raw: bytes, count: int) -> np.ndarray:
+    """An input tensor from its raw bytes (gRPC's raw_input_contents, or a binary part of an HTTP body): little-endian
+    values, or BYTES elements each after its 4-byte length. `count`: the elements of the declared shape, already
+    checked against the limits (declared_elements)."""
+    shown = quoted(name)
+    dtype = DATATYPES[datatype]
+    if datatype == "BYTES":
         if count > len(raw) // 4:  # each element has a 4-byte length: no need to read on
             raise InvalidInputError(
-                f"model '{model}' input {name} has shape {shape_text(tensor.shape)} ({count} elements), "
+                f"model '{model}' input {shown} has shape {shape_text(shape)} ({count} elements), "
                 f"got {len(raw)} bytes of BYTES raw contents: at least 4 per element"
             )
-        array = deserialize_bytes(model, name, raw)
+        array = deserialize_bytes(model, shown, raw)
         if array.size != count:
             raise InvalidInputError(
-                f"model '{model}' input {name} has shape {shape_text(tensor.shape)} ({count} elements), "
+                f"model '{model}' input {shown} has shape {shape_text(shape)} ({count} elements), "
                 f"got {array.size} BYTES elements"
             )
-        return array.reshape(tuple(tensor.shape))
+        return array.reshape(tuple(shape))
     if len(raw) != count * dtype.itemsize:
         raise InvalidInputError(
-            f"model '{model}' input {name} of shape {shape_text(tensor.shape)} and datatype {tensor.datatype} needs "
+            f"model '{model}' input {shown} of shape {shape_text(shape)} and datatype {datatype} needs "
             f"{count * dtype.itemsize} bytes of raw contents ({count} x {dtype.itemsize}), got {len(raw)}"
         )
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(tuple(tensor.shape))
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(tuple(shape))
 
 
 def _from_contents(
