@@ -119,3 +119,76 @@ async def drain_round(
         await asyncio.gather(*tasks, *probes, return_exceptions=True)
         await asyncio.gather(*(channel.close() for channel in opened))
     return outcomes, wrong
+
+
+async def http_drain_round(
+    server: ServerProcess, body: dict, expected: float, callers: int = CALLERS
+) -> tuple[Outcomes, list[float]]:
+    """drain_round's HTTP twin: `callers` closed-loop callers of TF Serving's REST `:predict` (multi_input), each on
+    its own keep-alive connection (aiohttp), SIGTERM once every caller's first call is held in the model, and
+    every call recorded as (sent before/after the signal, code: OK, or the gRPC name of the HTTP status, or
+    UNAVAILABLE when the connection is refused or dropped). The model is released once the draining server
+    refuses a new call with 503."""
+    import aiohttp
+
+    outcomes: Outcomes = collections.Counter()
+    wrong: list[float] = []
+    signalled: float | None = None
+    refused = asyncio.Event()
+    url = f"{server.http_url}/v1/models/multi_input:predict"
+    codes = {200: "OK", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+    in_flight_before = server.metric("modelserver_inflight_requests", model="multi_input")
+
+    async def call(session: aiohttp.ClientSession, when: str) -> str:
+        try:
+            async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=60)) as reply:
+                document = await reply.json(content_type=None)
+                code = codes.get(reply.status, f"HTTP_{reply.status}")
+                if reply.status == 200 and abs(document["predictions"][0][0] - expected) > 1e-5:
+                    wrong.append(document["predictions"][0][0])
+                if reply.status == 503 and "shutting down" in document.get("error", ""):
+                    refused.set()
+        except (TimeoutError, aiohttp.ClientConnectionError):
+            code = "UNAVAILABLE"
+        outcomes[(when, code)] += 1
+        return code
+
+    async def caller(session: aiohttp.ClientSession) -> None:
+        backoff = Backoff()
+        while signalled is None or (server.process.poll() is None and time.monotonic() < signalled + 30):
+            code = await call(session, "before" if signalled is None else "after")
+            if code == "OK":
+                backoff.reset()
+            else:
+                if server.process.poll() is not None:
+                    return
+                await asyncio.sleep(backoff.delay())
+
+    # One connection per caller; the probes' session opens as many as it needs (a probe sent before the drain
+    # began is held in the model with the rest, and must not hold up the next probe).
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for _ in range(callers)]
+    sessions.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+    tasks: list[asyncio.Task[None]] = []
+    probes: list[asyncio.Task[str]] = []
+    try:
+        server.hold()
+        tasks += [asyncio.create_task(caller(session)) for session in sessions[:callers]]
+        deadline = time.monotonic() + 120
+        while server.metric("modelserver_inflight_requests", model="multi_input") < in_flight_before + callers:
+            assert time.monotonic() < deadline, "the callers' first calls never all reached the server"
+            await asyncio.sleep(0.01)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        while not refused.is_set():
+            assert time.monotonic() < signalled + 60, "the draining server never refused a new call"
+            probes.append(asyncio.create_task(call(sessions[-1], "after")))
+            await asyncio.sleep(PROBE_INTERVAL)
+        server.release()
+        await asyncio.wait_for(asyncio.gather(*tasks, *probes), 120)
+    finally:
+        server.release()
+        for task in (*tasks, *probes):
+            task.cancel()
+        await asyncio.gather(*tasks, *probes, return_exceptions=True)
+        await asyncio.gather(*(session.close() for session in sessions))
+    return outcomes, wrong

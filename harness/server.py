@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -38,9 +39,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 START_SECONDS = 180  # a fresh repository is exported first; a loaded 2-core machine is slow at it
 
 
-def scrape(port: int | None) -> str:
-    """The /metrics text served on a loopback port."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+def scrape(port: int | None, tls_ca: Path | None = None) -> str:
+    """The /metrics text served on a loopback port (over HTTPS, trusting `tls_ca`, when the server uses TLS: /metrics
+    shares the REST port, which TLS covers)."""
+    if tls_ca is None:
+        url, context = f"http://127.0.0.1:{port}/metrics", None
+    else:
+        url, context = f"https://127.0.0.1:{port}/metrics", ssl.create_default_context(cafile=str(tls_ca))
+    with urllib.request.urlopen(url, timeout=10, context=context) as response:
         return response.read().decode()
 
 
@@ -86,6 +92,8 @@ class ServerProcess:
             *hold_args,
             *args,
         ]  # fmt: skip
+        # The server's own certificate, trusted for HTTPS (a self-signed test certificate is its own CA).
+        self.tls_ca = Path(args[list(args).index("--tls-cert-file") + 1]) if "--tls-cert-file" in args else None
         self.log: list[str] = []
         self._log_done = threading.Event()
         self._channels: list[grpc.Channel] = []  # closed by stop() and kill()
@@ -171,7 +179,7 @@ class ServerProcess:
         raise RuntimeError("server not SERVING in time:\n" + self.log_text())
 
     def metrics_text(self) -> str:
-        return scrape(self.metrics_port)
+        return scrape(self.metrics_port, self.tls_ca)
 
     def metric(self, name: str, **labels: str) -> float:
         """The samples with this name and labels, summed (0.0 when absent, as a counter not yet incremented is)."""

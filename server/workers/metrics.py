@@ -9,9 +9,11 @@ worker, so an uneven spread shows here).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -42,15 +44,17 @@ class ServerProcesses(Collector):
         running: Callable[[], Mapping[int, int]],
         started: Callable[[], Mapping[int, int]],
         serving: Callable[[], int],
+        supervisor: Callable[[], int] = os.getpid,
     ):
         self._path = path
         self._running = running
         self._started = started
         self._serving = serving
+        self._supervisor = supervisor
 
     def collect(self) -> Iterable[Metric]:
         running = dict(self._running())
-        figures = [_process_figures(pid) for pid in (os.getpid(), *running.values())]
+        figures = [_process_figures(pid) for pid in (self._supervisor(), *running.values())]
         for name in SUMMED:
             family = CounterMetricFamily if name in COUNTERS else GaugeMetricFamily
             help_text = f"{name.removeprefix('process_')} summed over the supervisor and its running workers."
@@ -121,9 +125,44 @@ def supervisor_registry(
     running: Callable[[], Mapping[int, int]],
     started: Callable[[], Mapping[int, int]],
     serving: Callable[[], int],
+    supervisor: Callable[[], int] = os.getpid,
 ) -> CollectorRegistry:
-    """The registry the supervisor serves at /metrics."""
+    """The registry of the whole server's /metrics (served by the supervisor, or by each worker on the REST port)."""
     registry = CollectorRegistry()
     _WorkersCollector(registry, path)
-    registry.register(ServerProcesses(path, running, started, serving))
+    registry.register(ServerProcesses(path, running, started, serving, supervisor))
     return registry
+
+
+# The supervisor's table of its workers, in the metrics folder, for workers that serve /metrics themselves.
+WORKERS_TABLE = "workers.json"
+
+
+def write_workers_table(path: Path, running: Mapping[int, int], started: Mapping[int, int], serving: int) -> None:
+    """Write what only the supervisor knows (atomically: a reader sees the whole table or the previous one)."""
+    table = {"supervisor": os.getpid(), "running": running, "started": started, "serving": serving}
+    staging = path / f".{WORKERS_TABLE}.tmp"
+    staging.write_text(json.dumps(table))
+    staging.replace(path / WORKERS_TABLE)
+
+
+def worker_registry(path: Path) -> CollectorRegistry:
+    """The whole server's /metrics as a worker serves it: every worker's metrics files, and the supervisor's table."""
+
+    def table() -> dict[str, Any]:
+        try:
+            found: dict[str, Any] = json.loads((path / WORKERS_TABLE).read_text())
+            return found
+        except (FileNotFoundError, ValueError):
+            return {"supervisor": os.getppid(), "running": {}, "started": {}, "serving": 0}
+
+    def by_index(key: str) -> dict[int, int]:
+        return {int(index): pid for index, pid in table()[key].items()}
+
+    return supervisor_registry(
+        path,
+        lambda: by_index("running"),
+        lambda: by_index("started"),
+        lambda: int(table()["serving"]),
+        lambda: int(table()["supervisor"]),
+    )

@@ -169,8 +169,9 @@ class _SupervisorLink(Siblings):
                 self._waiting[step].set()
 
 
-def _worker(settings: Settings, index: int, conn: Connection, serving: ctypes.c_bool) -> None:
-    """Spawned worker: the ordinary server on the shared port, reporting its state to the supervisor."""
+def _worker(settings: Settings, index: int, conn: Connection, serving: ctypes.c_bool, metrics_dir: Path | None) -> None:
+    """Spawned worker: the ordinary server on the shared ports, reporting its state to the supervisor; with
+    `metrics_dir`, its /metrics shows the whole server."""
     os.setpgrp()  # signals come from the supervisor alone (a terminal's Ctrl-C reaches it, and it forwards SIGTERM)
     configure_logging(settings.log_level)
     formatter = logging.Formatter(f"%(asctime)s %(levelname)s [worker {index} pid %(process)d] %(name)s: %(message)s")
@@ -179,7 +180,13 @@ def _worker(settings: Settings, index: int, conn: Connection, serving: ctypes.c_
     link = _SupervisorLink(conn, serving)
     from server.app import serve
 
-    code = asyncio.run(serve(settings, reuse_port=True, notify=link.notify, siblings=link))
+    if metrics_dir is None:
+        code = asyncio.run(serve(settings, reuse_port=True, notify=link.notify, siblings=link))
+    else:
+        from server.workers.metrics import worker_registry
+
+        registry = worker_registry(metrics_dir)
+        code = asyncio.run(serve(settings, reuse_port=True, notify=link.notify, siblings=link, registry=registry))
     # Drained and stopped: exit now. The interpreter's own teardown (TensorFlow's and gRPC's threads) took 5-10 s
     # more and holds nothing worth waiting for; metrics live in files already, logs are flushed here.
     logging.shutdown()
@@ -213,6 +220,7 @@ class Supervisor:
         self.stop_requested = False
         self.failed = False
         self.metrics_port: int | None = None
+        self.http_port: int | None = None  # every worker's REST port (None: --http-port 0)
         self._kill_at = float("inf")
         # Set once every worker serves, read by every worker at each readiness question: they turn ready together.
         self._all_serving = typing.cast(ctypes.c_bool, SPAWN.Value(ctypes.c_bool, False, lock=False))
@@ -234,7 +242,10 @@ class Supervisor:
         # Before any worker starts: prometheus_client picks multiprocess mode when it is first imported.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         try:
-            with reserve_port(self.settings.host, self.settings.grpc_port) as port:
+            with reserve_port(self.settings.host, self.settings.grpc_port) as port, contextlib.ExitStack() as stack:
+                rest_port = self.settings.rest_port
+                if rest_port is not None:
+                    self.http_port = stack.enter_context(reserve_port(self.settings.host, rest_port))
                 if not self._serve_metrics(metrics_dir):
                     return 1
                 return self._supervise(port, metrics_dir, started)
@@ -262,6 +273,9 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGTERM)
 
+    def _table(self) -> tuple[dict[int, int], dict[int, int], int]:
+        return self._running(), self._started(), self._serving()
+
     def _running(self) -> dict[int, int]:
         return {w.index: w.pid for w in self.workers if w.state != "exited"}
 
@@ -287,6 +301,9 @@ class Supervisor:
     def _serve_metrics(self, metrics_dir: Path) -> bool:
         if not self.settings.metrics:
             return True
+        if self.settings.metrics_on_rest_port:  # every worker serves the whole server's /metrics on the REST port
+            self.metrics_port = self.http_port
+            return True
         from server.base.metrics import serve_metrics
         from server.workers.metrics import supervisor_registry
 
@@ -301,11 +318,24 @@ class Supervisor:
                  self.metrics_port)  # fmt: skip
         return True
 
-    def _start_worker(self, index: int, port: int) -> None:
-        settings = dataclasses.replace(self.settings, grpc_port=port, metrics=False, port_file=None, workers=1)
+    def _start_worker(self, index: int, port: int, metrics_dir: Path) -> None:
+        # The REST port is shared like gRPC's; /metrics with it when they share a port (each worker then answers a
+        # scrape for the whole server, from the metrics files and the workers' table, write_workers_table).
+        shared = self.settings.metrics_on_rest_port
+        settings = dataclasses.replace(
+            self.settings,
+            grpc_port=port,
+            http_port=self.http_port if self.http_port is not None else 0,
+            metrics=shared,
+            metrics_port=self.http_port if shared and self.http_port is not None else self.settings.metrics_port,
+            port_file=None,
+            workers=1,
+        )
         conn, child_conn = SPAWN.Pipe()
         process = SPAWN.Process(
-            target=_worker, args=(settings, index, child_conn, self._all_serving), name=f"modelserver-worker-{index}"
+            target=_worker,
+            args=(settings, index, child_conn, self._all_serving, metrics_dir if shared else None),
+            name=f"modelserver-worker-{index}",
         )
         process.start()
         child_conn.close()
@@ -316,9 +346,15 @@ class Supervisor:
 
         for index in range(self.count):
             if not self.stop_requested:
-                self._start_worker(index, port)
+                self._start_worker(index, port, metrics_dir)
         announced: set[str] = set()
+        table: object = None
         while any(w.state != "exited" for w in self.workers):
+            if self.settings.metrics_on_rest_port and table != (now := self._table()):
+                from server.workers.metrics import write_workers_table
+
+                table = now
+                write_workers_table(metrics_dir, *now)
             if self.stop_requested:
                 self._stop()  # reaches a worker started while the signal arrived too
             if self.stop_requested and time.monotonic() > self._kill_at:
@@ -347,7 +383,8 @@ class Supervisor:
                 log.info("gRPC listening on %s:%d (%s; %d workers)", self.settings.host, port,
                          "TLS" if self.settings.tls_enabled else "plaintext", self.count)  # fmt: skip
                 if self.settings.port_file is not None:
-                    write_port_file(self.settings.port_file, port, self.metrics_port, [w.pid for w in self.workers])
+                    write_port_file(self.settings.port_file, port, self.metrics_port, [w.pid for w in self.workers],
+                                    self.http_port)  # fmt: skip
             if "serving" not in announced and all(s == "serving" for s in states) and not self.stop_requested:
                 announced.add("serving")
                 self._all_serving.value = True  # before the messages: a worker told reads the flag true
