@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# modelserver: gRPC on 50051, Prometheus /metrics on 8000, built-in models exported into /models at start.
+# modelserver: gRPC on 50051; HTTP on 8000: the REST APIs (TF Serving's /v1, the Open Inference Protocol's /v2),
+# Prometheus /metrics and the health endpoints; built-in models exported into /models at start.
 # Build: docker build -t modelserver .        GPU: docker build --build-arg TENSORFLOW_EXTRA=and-cuda -t modelserver:gpu .
 # podman/buildah: add --format docker, or the image loses its HEALTHCHECK (the OCI format has none). `make image`
 # builds it with podman from a wheelhouse, offline (README, "The image").
@@ -52,11 +53,14 @@ COPY deploy/docker/export_models.py deploy/docker/
 USER 10001:10001
 
 # Listen on every interface inside the container (the default, 127.0.0.1, is unreachable from outside it).
+# HTTP: the REST APIs share the metrics port (one HTTP port serves /v1, /v2, /metrics and health).
 ENV MODELSERVER_HOST=0.0.0.0 \
     MODELSERVER_GRPC_PORT=50051 \
     MODELSERVER_METRICS_PORT=8000 \
+    MODELSERVER_HTTP_PORT=8000 \
     MODELSERVER_MODEL_REPOSITORY=/models
 VOLUME ["/models"]
+# 50051: gRPC (our API, the Open Inference Protocol, TF Serving's API); 8000: HTTP (REST APIs and /metrics).
 EXPOSE 50051 8000
 
 # The gRPC health service through the project's own CLI (already in the image; no extra binary to trust): it

@@ -74,6 +74,11 @@ bench-overload: $(STAMP) $(GENERATED) deploy-tools
 bench-protocols: $(STAMP) $(GENERATED)
 	$(PY) -m bench.protocols $(ARGS)
 
+# The HTTP port's protocols (OIP binary and JSON, TF Serving :predict) against our gRPC OIP, c=1/16/64 (about 4 minutes).
+.PHONY: bench-rest
+bench-rest: $(STAMP) $(GENERATED)
+	$(PY) -m bench.rest $(ARGS)
+
 # A version switch under 64 callers against the same load without one (about a minute).
 bench-lifecycle: $(STAMP) $(GENERATED)
 	$(PY) -m bench.lifecycle $(ARGS)

@@ -20,6 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clients", description="modelserver command-line client.")
     parser.add_argument("--target", default="127.0.0.1:50051", help="server address HOST:PORT (default: %(default)s)")
     parser.add_argument(
+        "--http-target",
+        default="127.0.0.1:8000",
+        help="the server's HTTP port, http(s)://HOST:PORT or HOST:PORT, for loadtest's rest-* protocols "
+        "(default: %(default)s; https with the --tls* flags)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=10.0, help="deadline per call in seconds (default: %(default)s)"
     )
     parser.add_argument("--tls-ca-file", help="TLS: PEM CA bundle that signed the server's certificate")
@@ -51,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="print every model and whether it is ready, as JSON")
 
     load = commands.add_parser("loadtest", help="load-test a model (closed or open loop) and print a summary")
-    load.add_argument("model", help=f"with --protocol typed: one of {', '.join(sorted(TYPED_MODELS))}; OIP: any model")
+    load.add_argument(
+        "model", help=f"with --protocol typed: one of {', '.join(sorted(TYPED_MODELS))}; the others: any model"
+    )
     loop = load.add_mutually_exclusive_group(required=True)
     loop.add_argument("--concurrency", type=int, help="closed loop: N callers, each waits for its reply")
     loop.add_argument("--rate", type=float, help="open loop: R requests/s, sent on schedule")
@@ -64,14 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--max-outstanding", type=int, default=1000, help="open loop: in-flight cap (default: %(default)s)"
     )
-    load.add_argument("--channels", type=int, default=1, help="gRPC channels to spread calls over (default: 1)")
+    load.add_argument(
+        "--channels", type=int, default=1, help="gRPC channels to spread calls over (default: 1; not for rest-*)"
+    )
     load.add_argument("--seed", type=int, default=0, help="seed of the random input rows (default: 0)")
     load.add_argument(
         "--protocol",
         choices=loadtest.PROTOCOLS,
         default="typed",
         help="typed: our API; oip: Open Inference Protocol ModelInfer (raw tensors, any OIP server and model); "
-        "oip-stream: ModelStreamInfer, one stream per channel (default: %(default)s)",
+        "oip-stream: ModelStreamInfer, one stream per channel; over HTTP to --http-target: rest-oip-json (OIP, JSON "
+        "tensors), rest-oip-binary (OIP, Triton's binary tensors), rest-tfserving (TF Serving :predict, row format) "
+        "(default: %(default)s)",
     )
     load.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
     load.add_argument("--no-progress", action="store_true", help="no live progress on stderr")

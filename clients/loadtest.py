@@ -3,7 +3,9 @@ or request count, with live progress and a summary of throughput, latency percen
 
 It benchmarks the server from a client that shares the machine with it, so the hot loop does as little as
 it can: one prebuilt request message reused for every call, the raw generated stub on a grpc.aio channel,
-no retries (they would hide errors), and no per-call numpy.
+no retries (they would hide errors), and no per-call numpy. The REST protocols (clients/rest.py) do the same over
+aiohttp's client: one prebuilt body, keep-alive connections, each answer counted under the gRPC status name its HTTP
+status stands for, so both transports report the same codes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
-from clients import oip
+from clients import oip, rest
 from clients.client import (
     DEFAULT_MAX_MESSAGE_BYTES,
     TYPED_MODELS,
@@ -44,8 +46,9 @@ INPUT_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
     "residual_cnn": {"image": (28, 28, 1)},
 }
 # How requests are sent: our typed methods, or the Open Inference Protocol (any model of any OIP server), unary
-# or many requests over one ModelStreamInfer stream per channel.
-PROTOCOLS = ("typed", "oip", "oip-stream")
+# or many requests over one ModelStreamInfer stream per channel; or over HTTP to `http_target` (clients/rest.py):
+# the OIP with JSON tensors or binary tensors, and TF Serving's REST :predict (row format).
+PROTOCOLS = ("typed", "oip", "oip-stream", *rest.PROTOCOLS)
 CLIENT_OVERLOAD = "CLIENT_OVERLOAD"  # open loop: not sent because max_outstanding requests were in flight
 
 
@@ -53,7 +56,7 @@ CLIENT_OVERLOAD = "CLIENT_OVERLOAD"  # open loop: not sent because max_outstandi
 class LoadTestConfig:
     """One run. Exactly one of concurrency (closed loop) / rate (open loop), and of duration / requests."""
 
-    target: str
+    target: str  # the gRPC address (HOST:PORT); the REST protocols use http_target
     model: str
     concurrency: int | None = None
     rate: float | None = None
@@ -71,7 +74,8 @@ class LoadTestConfig:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     token_file: str | None = None  # its first line is sent as a bearer token
-    protocol: str = "typed"  # "typed" (our API), "oip" (ModelInfer) or "oip-stream" (ModelStreamInfer), see PROTOCOLS
+    protocol: str = "typed"  # "typed" (our API), "oip" (ModelInfer), "oip-stream" (ModelStreamInfer), "rest-*"
+    http_target: str = ""  # the REST protocols: http(s)://HOST:PORT[/prefix] or HOST:PORT
     progress: TextIO | None = None  # where live progress goes (stderr in the CLI); None: no progress
 
     def __post_init__(self) -> None:
@@ -90,8 +94,20 @@ class LoadTestConfig:
                 problems.append(f"{name} must be > 0, got {value}")
         if not self.warmup >= 0 or self.max_outstanding < 1 or self.channels < 1:
             problems.append("warmup must be >= 0, max_outstanding and channels >= 1")
+        if self.protocol in rest.PROTOCOLS:
+            if not self.http_target:
+                problems.append(f"protocol {self.protocol} needs http_target (the server's HTTP address)")
+            else:
+                try:
+                    rest.base_url(self.http_target, self.uses_tls)
+                except ValueError as error:
+                    problems.append(str(error))
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.tls or self.tls_ca_file or self.tls_cert_file or self.tls_key_file)
 
 
 @dataclass
@@ -170,6 +186,8 @@ async def _call(call: Call, request: Any, timeout: float, stats: _Stats, schedul
         code = "OK"
     except grpc.aio.AioRpcError as error:
         code = error.code().name
+    except rest.CallFailed as error:
+        code = error.code
     finished = time.perf_counter()
     if code == "OK":
         stats.latencies.append(finished - scheduled)
@@ -289,6 +307,8 @@ async def _requests_and_calls(
 
 async def run_loadtest(cfg: LoadTestConfig) -> LoadTestResult:
     """Warm up (not counted), then run the measured phase and summarise it."""
+    if cfg.protocol in rest.PROTOCOLS:
+        return await _run_rest(cfg)
     streams: list[Any] = []
     options = channel_options(0, DEFAULT_MAX_MESSAGE_BYTES)
     if cfg.channels > 1:  # otherwise channels with equal options share one connection
@@ -302,15 +322,34 @@ async def run_loadtest(cfg: LoadTestConfig) -> LoadTestResult:
         with contextlib.suppress(TimeoutError):  # connect first, so that the first calls do not pay for it
             await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), cfg.timeout)
         request, calls, streams = await _requests_and_calls(cfg, channels, metadata)
-        if cfg.warmup > 0:
-            await _phase(calls, request, cfg, "warm-up", math.inf, cfg.warmup)
-        requests = math.inf if cfg.requests is None else cfg.requests
-        duration = math.inf if cfg.duration is None else cfg.duration
-        stats, elapsed = await _phase(calls, request, cfg, "load", requests, duration)
+        stats, elapsed = await _warm_up_and_measure(calls, request, cfg)
     finally:
         await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
         await asyncio.gather(*(c.close() for c in channels))
     return _result(cfg, stats, elapsed)
+
+
+async def _run_rest(cfg: LoadTestConfig) -> LoadTestResult:
+    """The same run over HTTP: one aiohttp session whose connector holds as many keep-alive connections as calls
+    can be in flight (the concurrency, or the open loop's max_outstanding)."""
+    tls = rest.ssl_context(cfg.tls_ca_file, cfg.tls_cert_file, cfg.tls_key_file) if cfg.uses_tls else None
+    connections = cfg.concurrency if cfg.concurrency is not None else cfg.max_outstanding
+    base = rest.base_url(cfg.http_target, cfg.uses_tls)
+    client = rest.RestClient(base, connections, cfg.timeout, tls, read_token(cfg.token_file))
+    try:
+        request = await rest.build_request(client, cfg.protocol, cfg.model, cfg.version, cfg.rows_per_request, cfg.seed)
+        stats, elapsed = await _warm_up_and_measure([client], request, cfg)
+    finally:
+        await client.close()
+    return _result(cfg, stats, elapsed)
+
+
+async def _warm_up_and_measure(calls: list[Call], request: Any, cfg: LoadTestConfig) -> tuple[_Stats, float]:
+    if cfg.warmup > 0:
+        await _phase(calls, request, cfg, "warm-up", math.inf, cfg.warmup)
+    requests = math.inf if cfg.requests is None else cfg.requests
+    duration = math.inf if cfg.duration is None else cfg.duration
+    return await _phase(calls, request, cfg, "load", requests, duration)
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float | None]:
@@ -341,7 +380,7 @@ def _result(cfg: LoadTestConfig, stats: _Stats, elapsed: float) -> LoadTestResul
         error_latency_ms_by_code={code: percentiles_ms(s) for code, s in sorted(stats.error_latencies.items())},
         send_lag_ms=percentiles_ms(stats.send_lag),
         latency_from_send_ms_by_code={code: percentiles_ms(s) for code, s in sorted(stats.from_send.items())},
-        target=cfg.target,
+        target=cfg.http_target if cfg.protocol in rest.PROTOCOLS else cfg.target,
         version=cfg.version,
         warmup_s=cfg.warmup,
         timeout_s=cfg.timeout,
@@ -362,6 +401,9 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (rest.SetupError, oip.InputError, OSError) as error:  # OSError: the token or TLS files
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(result.summary())
     if args.json:
         try:

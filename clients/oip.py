@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -101,6 +101,28 @@ class OipClient:
         return decode_response(self._stub.ModelInfer(request, timeout=timeout, metadata=self._metadata))
 
 
+def random_arrays(
+    model: str, inputs: Sequence[tuple[str, str, Sequence[int]]], batched: bool, rows: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Seeded random arrays of `rows` rows for inputs given as (name, OIP datatype, shape with the batch dimension
+    first when `batched`); for a model without a batch dimension, one input of its whole shape. BYTES inputs hold
+    b"x". Shared by the gRPC and the REST load tests, so both send the same values."""
+    if not batched and rows != 1:
+        raise InputError(f"model '{model}' has no batch dimension (max_batch_size 0): send 1 row per request")
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, datatype, full_shape in inputs:
+        dims = list(full_shape)[1:] if batched else list(full_shape)
+        if any(d < 0 for d in dims):
+            raise InputError(f"model '{model}' input '{name}' has dimensions of variable size {list(full_shape)}")
+        shape = (rows, *dims) if batched else tuple(dims)
+        if datatype == "BYTES":
+            arrays[name] = np.full(shape, b"x", dtype=object)
+        else:
+            arrays[name] = (rng.random(shape) * 2).astype(triton_to_np_dtype(datatype))
+    return arrays
+
+
 async def random_request(
     channel: grpc.aio.Channel, model: str, rows: int, version: str, seed: int, timeout: float, call_metadata: Any = None
 ) -> Any:
@@ -111,21 +133,8 @@ async def random_request(
     metadata = await stub.ModelMetadata(request, timeout=timeout, metadata=call_metadata)
     config_request = pb.ModelConfigRequest(name=model, version=version)
     config = await stub.ModelConfig(config_request, timeout=timeout, metadata=call_metadata)
-    batched = config.config.max_batch_size > 0
-    if not batched and rows != 1:
-        raise InputError(f"model '{model}' has no batch dimension (max_batch_size 0): send 1 row per request")
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for spec in metadata.inputs:
-        dims = list(spec.shape)[1:] if batched else list(spec.shape)
-        if any(d < 0 for d in dims):
-            raise InputError(f"model '{model}' input '{spec.name}' has dimensions of variable size {list(spec.shape)}")
-        shape = (rows, *dims) if batched else tuple(dims)
-        if spec.datatype == "BYTES":
-            arrays[spec.name] = np.full(shape, b"x", dtype=object)
-        else:
-            arrays[spec.name] = (rng.random(shape) * 2).astype(triton_to_np_dtype(spec.datatype))
-    return build_request(model, arrays, version)
+    inputs = [(spec.name, spec.datatype, list(spec.shape)) for spec in metadata.inputs]
+    return build_request(model, random_arrays(model, inputs, config.config.max_batch_size > 0, rows, seed), version)
 
 
 class StreamCaller:

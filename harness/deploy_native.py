@@ -154,6 +154,7 @@ class PrometheusProcess:
 ACCESS_LINE = re.compile(r'" (\d{3}) \d+ grpc-status=-?(\d*)-?')
 
 UPSTREAM_SERVER = re.compile(r"^(\s*)server\s+server:50051([^;]*);\s*$", re.MULTILINE)
+HTTP_UPSTREAM_SERVER = re.compile(r"^(\s*)server\s+server:8000([^;]*);\s*$", re.MULTILINE)
 
 
 def _access_fields(line: str) -> tuple[str, str]:
@@ -164,19 +165,34 @@ def _access_fields(line: str) -> tuple[str, str]:
     return match[1], match[2]
 
 
-def nginx_config_for_loopback(config: str, listen_port: int, upstreams: Sequence[str], workdir: Path) -> str:
-    """deploy/nginx/nginx.conf with the replicas, the listen port and the writable paths moved to loopback/workdir.
+def nginx_config_for_loopback(
+    config: str,
+    listen_port: int,
+    upstreams: Sequence[str],
+    workdir: Path,
+    http_listen_port: int | None = None,
+    http_upstreams: Sequence[str] = (),
+) -> str:
+    """deploy/nginx/nginx.conf with the replicas, the listen ports and the writable paths moved to loopback/workdir.
 
-    Only these lines change: the upstream's `server server:50051` (one line per replica instead), the
-    `listen 50051` port (on 127.0.0.1), the pid file and the logs (files in workdir instead of the container's
-    stdout and stderr), so that the proxying configuration under test is the shipped one.
+    Only these lines change: the upstreams' `server server:50051` and `server server:8000` (one line per replica
+    instead; the HTTP one a closed port when no HTTP replicas are given), the `listen 50051` and `listen 8000` ports
+    (on 127.0.0.1; the HTTP one a free port when none is given), the pid file and the logs (files in workdir instead
+    of the container's stdout and stderr), so that the proxying configuration under test is the shipped one.
     """
     assert UPSTREAM_SERVER.search(config), "deploy/nginx/nginx.conf has no `server server:50051` upstream line"
     config = UPSTREAM_SERVER.sub(
         lambda m: "\n".join(f"{m.group(1)}server {u}{m.group(2)};" for u in upstreams), config, count=1
     )
+    assert HTTP_UPSTREAM_SERVER.search(config), "deploy/nginx/nginx.conf has no `server server:8000` upstream line"
+    config = HTTP_UPSTREAM_SERVER.sub(
+        lambda m: "\n".join(f"{m.group(1)}server {u}{m.group(2)};" for u in http_upstreams or ["127.0.0.1:1"]),
+        config,
+        count=1,
+    )
     replaced = {
         "listen 50051 http2;": f"listen 127.0.0.1:{listen_port} http2;",
+        "listen 8000;": f"listen 127.0.0.1:{http_listen_port or free_port()};",
         "pid /tmp/nginx.pid;": f"pid {workdir / 'nginx.pid'};",
         "error_log /dev/stderr warn;": f"error_log {workdir / 'error.log'} info;",
         "access_log /dev/stdout grpc;": f"access_log {workdir / 'access.log'} grpc;",
@@ -194,10 +210,17 @@ def nginx_config_for_loopback(config: str, listen_port: int, upstreams: Sequence
 class NginxProcess:
     """A real nginx (master and workers) in the foreground, on a free loopback port, files in `workdir`."""
 
-    def __init__(self, workdir: Path, upstreams: Sequence[str], config: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, upstreams: Sequence[str], config: str | None = None, http_upstreams: Sequence[str] = ()
+    ) -> None:
+        """`upstreams`: the replicas' gRPC addresses; `http_upstreams`: their HTTP ports' (none: the REST part of the
+        config points at a closed port)."""
         self.workdir = workdir
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        self.http_port = free_port()
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        self.http_upstreams = list(http_upstreams)
         self.source = NGINX_CONFIG.read_text() if config is None else config
         self.config_file = workdir / "nginx.conf"
         self.write_config(upstreams)
@@ -216,8 +239,14 @@ class NginxProcess:
             self.stop()
             raise
 
-    def write_config(self, upstreams: Sequence[str]) -> None:
-        self.config_file.write_text(nginx_config_for_loopback(self.source, self.port, upstreams, self.workdir))
+    def write_config(self, upstreams: Sequence[str], http_upstreams: Sequence[str] | None = None) -> None:
+        if http_upstreams is not None:
+            self.http_upstreams = list(http_upstreams)
+        self.config_file.write_text(
+            nginx_config_for_loopback(
+                self.source, self.port, upstreams, self.workdir, self.http_port, self.http_upstreams
+            )
+        )
 
     def _command(self, *args: str) -> list[str]:
         return [tool("nginx"), "-p", str(self.workdir), "-c", str(self.config_file), "-e", "stderr", *args]

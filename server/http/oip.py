@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from server.base.errors import InvalidInputError, quoted
 from server.base.tensors import InputLimits, declared_elements
@@ -28,8 +29,16 @@ from server.protocols.oip.types import InferInput, InferRequest, InferResponse, 
 
 HEADER_LENGTH = "inference-header-content-length"
 _MODEL = r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
-# Fields of Triton's ModelConfig that protobuf's JSON writes as strings (int64) and Triton's HTTP API as numbers.
-_INT64_FIELDS = frozenset({"dims", "max_queue_delay_microseconds", "default_queue_timeout_microseconds"})
+# Protobuf's JSON writes these (64-bit integers) as strings; Triton's HTTP API writes ModelConfig's as numbers.
+_INT64_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
 
 
 def routes(core: InferenceService, repository_control: bool) -> list[Route]:
@@ -133,7 +142,7 @@ class OipEndpoints:
         document = json_format.MessageToDict(
             config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
-        return json_response(_int64_as_numbers(document))
+        return json_response(_int64_as_numbers(document, config.DESCRIPTOR))
 
     async def statistics(self, request: HttpRequest) -> HttpResponse:
         statistics = self.handlers.model_statistics(request.params.get("model", ""), request.params.get("version", ""))
@@ -191,12 +200,26 @@ def _object(body: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def _int64_as_numbers(value: Any, key: str = "") -> Any:
-    if isinstance(value, dict):
-        return {k: _int64_as_numbers(v, k) for k, v in value.items()}
+def _int64_as_numbers(document: dict[str, Any], descriptor: Descriptor) -> dict[str, Any]:
+    """A message's JSON (field names as in the .proto) with every 64-bit integer field a number, as Triton writes
+    its ModelConfig (dims, max_queue_delay_microseconds, priority_levels, ...), in nested messages and maps too."""
+    fixed = {}
+    for key, value in document.items():
+        field_descriptor = descriptor.fields_by_name.get(key)
+        fixed[key] = value if field_descriptor is None else _field_as_numbers(value, field_descriptor)
+    return fixed
+
+
+def _field_as_numbers(value: Any, field_descriptor: FieldDescriptor) -> Any:
+    message = field_descriptor.message_type
+    if message is not None and message.GetOptions().map_entry and isinstance(value, dict):
+        entry = message.fields_by_name["value"]  # a map's keys stay strings, as JSON's keys are
+        return {k: _field_as_numbers(v, entry) for k, v in value.items()}
     if isinstance(value, list):
-        return [_int64_as_numbers(v, key) for v in value]
-    if key in _INT64_FIELDS and isinstance(value, str):
+        return [_field_as_numbers(v, field_descriptor) for v in value]
+    if message is not None and isinstance(value, dict):
+        return _int64_as_numbers(value, message)
+    if field_descriptor.type in _INT64_TYPES and isinstance(value, str):
         return int(value)
     return value
 
@@ -211,6 +234,18 @@ def _parameters(where: str, value: Any) -> dict[str, Parameter]:
         v is None or isinstance(v, bool | int | float | str) for v in value.values()
     ):
         raise InvalidInputError(f"{where}: 'parameters' must be an object of booleans, numbers and strings")
+    return value
+
+
+def _flag(where: str, parameters: Mapping[str, Any], key: str) -> bool:
+    """A boolean parameter (absent or null: false); anything but true or false is refused rather than read as false."""
+    value = parameters.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidInputError(
+            f"{where}: parameter {quoted(key)} must be true or false, got {orjson.dumps(value).decode()}"
+        )
     return value
 
 
@@ -253,8 +288,12 @@ def infer_request_of(
         )
     parameters = _parameters(f"model {quoted(model)}", document.get("parameters"))
     binary_outputs = BinaryOutputs(
-        parameters.get("binary_data_output") is True,
-        {o.name: o.parameters["binary_data"] is True for o in outputs if "binary_data" in o.parameters},
+        _flag(f"model {quoted(model)}", parameters, "binary_data_output"),
+        {
+            o.name: _flag(f"model {quoted(model)} output {quoted(o.name)}", o.parameters, "binary_data")
+            for o in outputs
+            if "binary_data" in o.parameters
+        },
     )
 
     def decode(limits: InputLimits) -> dict[str, np.ndarray]:
@@ -280,7 +319,7 @@ def _split(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, bytes]:
     length_text = headers.get(HEADER_LENGTH)
     if length_text is None:
         return body, b""
-    if not length_text.strip().isdigit():
+    if not (length_text.strip().isascii() and length_text.strip().isdigit()):  # "²" is a digit to isdigit()
         raise InvalidInputError(f"Inference-Header-Content-Length must be a number of bytes, got {length_text!r}")
     length = int(length_text)
     if length > len(body):

@@ -5,7 +5,6 @@ orjson (the non-standard NaN and Infinity that TF Serving's REST API reads are p
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from typing import Any
 
@@ -13,6 +12,7 @@ import numpy as np
 import orjson
 
 from server.base.errors import InvalidInputError
+from server.base.tensors import MAX_RANK
 
 STRING = np.dtype(object)
 
@@ -23,9 +23,17 @@ def parse_json(body: bytes, what: str) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as error:
         try:  # NaN, Infinity and -Infinity, which TF Serving's JSON allows and orjson refuses
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            value = json.loads(body)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; nesting beyond orjson's limit
             raise InvalidInputError(f"{what} is not valid JSON: {error}") from None
+    # What orjson refused for another reason the standard library may take: strings with lone surrogates (not
+    # text: no reply or error message could hold them) and integers beyond 64 bits. Only what orjson can write is
+    # taken (it writes NaN as null, without complaint).
+    try:
+        orjson.dumps(value)
+    except TypeError as error:
+        raise InvalidInputError(f"{what} is not valid JSON: {error}") from None
+    return value
 
 
 def array_from_json(where: str, value: Any, dtype: np.dtype) -> np.ndarray:
@@ -78,6 +86,8 @@ def _strings(where: str, value: Any) -> np.ndarray:
         if isinstance(item, list):
             if leaf_depth and depth >= leaf_depth[0]:
                 raise ragged()
+            if depth >= MAX_RANK:  # before Python's recursion limit: JSON may nest lists a thousand deep
+                raise InvalidInputError(f"{where}: the strings are nested deeper than {MAX_RANK} lists")
             if depth == len(shape):
                 shape.append(len(item))
             elif shape[depth] != len(item):
@@ -93,7 +103,7 @@ def _strings(where: str, value: Any) -> np.ndarray:
         elif isinstance(item, dict) and set(item) == {"b64"} and isinstance(item["b64"], str):
             try:
                 flat.append(base64.b64decode(item["b64"], validate=True))
-            except binascii.Error as error:
+            except ValueError as error:  # binascii.Error, or a character that is not ASCII
                 raise InvalidInputError(f"{where}: a 'b64' value is not base64 ({error})") from None
         else:
             raise InvalidInputError(

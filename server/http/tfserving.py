@@ -44,7 +44,8 @@ def model_spec(params: Mapping[str, str], signature_name: str = "") -> ModelSpec
     """The ModelSpec a path names: /v1/models/{m}[/versions/{v} | /labels/{l}]."""
     name = params["model"]
     version_text = params.get("version")
-    if version_text is not None and not version_text.isdigit():
+    # ASCII digits only: str.isdigit() is true of "²", which int() refuses.
+    if version_text is not None and not (version_text.isascii() and version_text.isdigit()):
         raise InvalidInputError(f"model {quoted(name)} version must be a positive integer, got {quoted(version_text)}")
     return ModelSpec(name, int(version_text or 0), params.get("label"), signature_name)
 
@@ -70,7 +71,12 @@ class TfServingEndpoints:
         spec = model_spec(request.params)
         meta = self.handlers.get_model_metadata(spec)
         response = codec.metadata_response(meta.name, meta.version, meta.inputs, meta.outputs, meta.batched)
-        return json_response(_printed(response))
+        document = _printed(response)
+        # TF Serving writes each metadata entry as its message alone ({"signature_def": {"serving_default": ...}}),
+        # without the "@type" that protobuf's JSON gives an Any.
+        for entry in document.get("metadata", {}).values():
+            entry.pop("@type", None)
+        return json_response(document)
 
     async def predict(self, request: HttpRequest) -> HttpResponse:
         body = parse_json(request.body, "the request body")
@@ -175,6 +181,14 @@ def predict_document(response: PredictResponse, rows: bool) -> dict[str, Any]:
         return {"outputs": {name: _output(name, array) for name, array in outputs.items()}}
     if len(outputs) == 1:
         return {"predictions": _output(*next(iter(outputs.items())))}
+    counts = {name: array.shape[0] if array.ndim else None for name, array in outputs.items()}
+    if len(set(counts.values())) != 1 or None in counts.values():
+        # A model without a batch dimension may answer outputs of unrelated lengths: no rows to pair them in.
+        shown = ", ".join(f"{quoted(name)} {'a scalar' if n is None else f'{n} rows'}" for name, n in counts.items())
+        raise InvalidInputError(
+            f"model {quoted(response.model_spec.name)}: the row format pairs the outputs row by row, but they "
+            f'have different numbers of rows ({shown}): send the columnar format ({{"inputs": ...}}) instead'
+        )
     columns = {name: _output(name, array) for name, array in outputs.items()}
     count = len(next(iter(outputs.values())))
     return {"predictions": [{name: column[index] for name, column in columns.items()} for index in range(count)]}

@@ -56,6 +56,7 @@ class Stack:
             **os.environ,
             "NGINX_IMAGE": NGINX_IMAGE,
             "MODELSERVER_PORT": str(self.port),
+            "MODELSERVER_REST_PORT": str(free_port()),  # not the host's 8000, which something else may hold
             "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE,
             "PROMETHEUS_PORT": str(self.prometheus_port),
         }

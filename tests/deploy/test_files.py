@@ -1,7 +1,8 @@
 """The deployment files, validated by the real tools (SPEC §9): the Compose specification (compose-spec, a
 strict parser generated from the official schema) for every variant and profile, hadolint, kubernetes-validate,
 promtool and nginx -t; plus the cross-references no schema checks (mounted files exist, dependencies exist and
-have health checks, grace periods nest).
+have health checks, grace periods nest, the HTTP port is the same one from the Dockerfile to nginx and the probes),
+and the image's dependencies (pinned, and installable offline from a filled wheelhouse).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,8 @@ VARIANTS = [(), ("replicated",), ("gpu",), ("replicated", "gpu")]
 PROFILES = [set(), {"loadtest"}]
 KUBERNETES_VERSION = "1.34.0"
 IMAGE_SERVICES = ("model-export", "server", "loadtest")  # the services that run our image
+GRPC_PORT, HTTP_PORT = 50051, 8000  # the image's ports (Dockerfile), the same everywhere below
+WHEELHOUSE = REPO_ROOT / "deploy" / "docker" / "wheelhouse"
 
 
 def _variant_id(overrides: tuple[str, ...]) -> str:
@@ -109,6 +113,21 @@ def test_compose_servers_drain_within_the_stop_grace_period(overrides: tuple[str
     assert "ports" not in server, "replicas are reached through nginx; a host port would clash between them"
 
 
+@pytest.mark.parametrize("overrides", VARIANTS, ids=_variant_id)
+def test_compose_exposes_the_http_port_through_nginx(overrides: tuple[str, ...]) -> None:
+    """The servers' HTTP port (REST APIs and /metrics) is on the compose network, nginx publishes it on loopback, and
+    nginx.conf proxies its listener there to the servers' HTTP port."""
+    services = compose_model(*overrides)["services"]
+    env = services["server"]["environment"]
+    assert int(env["MODELSERVER_HTTP_PORT"]) == int(env["MODELSERVER_METRICS_PORT"]) == HTTP_PORT
+    assert {int(p) for p in services["server"]["expose"]} == {GRPC_PORT, HTTP_PORT}
+    published = {int(p.rsplit(":", 1)[1]): p for p in services["nginx"]["ports"]}
+    assert set(published) == {GRPC_PORT, HTTP_PORT}
+    assert all(p.startswith("127.0.0.1:") for p in published.values()), "published on loopback only"
+    config = NGINX_CONFIG.read_text()
+    assert f"server server:{HTTP_PORT};" in config and f"listen {HTTP_PORT};" in config
+
+
 def test_compose_variants_scale_and_reserve_gpus() -> None:
     assert compose_model()["services"]["server"]["deploy"]["replicas"] == 1
     assert compose_model("replicated")["services"]["server"]["deploy"]["replicas"] >= 2
@@ -169,7 +188,8 @@ def test_dockerfile_copies_files_that_exist_and_are_not_ignored() -> None:
 def test_dockerfile_runs_as_non_root_with_exec_entrypoint_and_grpc_health_check() -> None:
     dockerfile = _dockerfile()
     assert re.search(r"^USER 10001:10001$", dockerfile, re.MULTILINE)
-    assert re.search(r"^EXPOSE 50051 8000$", dockerfile, re.MULTILINE)
+    assert re.search(rf"^EXPOSE {GRPC_PORT} {HTTP_PORT}$", dockerfile, re.MULTILINE)
+    assert f"MODELSERVER_HTTP_PORT={HTTP_PORT}" in dockerfile and f"MODELSERVER_METRICS_PORT={HTTP_PORT}" in dockerfile
     assert re.search(r'^ENTRYPOINT \["python", "-m", "server"\]$', dockerfile, re.MULTILINE)
     assert "MODELSERVER_HOST=0.0.0.0" in dockerfile
     assert re.search(r"^HEALTHCHECK .*\n\s+CMD \[.*-m clients .* health", dockerfile, re.MULTILINE)
@@ -224,14 +244,18 @@ def test_kubernetes_probes_grace_and_resources() -> None:
     container = pod["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": int(env["MODELSERVER_GRPC_PORT"]), "metrics": int(env["MODELSERVER_METRICS_PORT"])}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": ports["grpc"]}, probe
+    assert ports == {"grpc": int(env["MODELSERVER_GRPC_PORT"]), "http": int(env["MODELSERVER_HTTP_PORT"])}
+    assert ports == {"grpc": GRPC_PORT, "http": HTTP_PORT} and env["MODELSERVER_METRICS_PORT"] == str(HTTP_PORT)
+    # Started: the gRPC health service says SERVING (native probe); then ready and alive over HTTP, on the Open
+    # Inference Protocol's health endpoints (no token needed), by the port's name.
+    assert container["startupProbe"]["grpc"] == {"port": ports["grpc"]}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     drain = float(env["MODELSERVER_SHUTDOWN_DELAY"]) + float(env["MODELSERVER_GRACE_PERIOD"])
     assert pod["spec"]["terminationGracePeriodSeconds"] > drain
     assert set(container["resources"]) == {"requests", "limits"}
     assert pod["spec"]["securityContext"]["runAsUser"] == 10001  # the image's USER
-    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["http"])
 
 
 def test_kubernetes_services_budget_and_autoscaler_select_the_deployment() -> None:
@@ -239,6 +263,9 @@ def test_kubernetes_services_budget_and_autoscaler_select_the_deployment() -> No
     labels = _deployment("base")["spec"]["template"]["metadata"]["labels"]
     services = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Service"}
     assert services["modelserver-headless"]["spec"]["clusterIP"] == "None"
+    for service in services.values():  # both name both ports, by the container ports' names
+        ports = {p["name"]: (p["port"], p["targetPort"], p["appProtocol"]) for p in service["spec"]["ports"]}
+        assert ports == {"grpc": (GRPC_PORT, "grpc", "kubernetes.io/h2c"), "http": (HTTP_PORT, "http", "http")}
     for document in documents:
         if document["kind"] == "Service":
             assert document["spec"]["selector"] == labels
@@ -275,16 +302,86 @@ def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     assert subprocess.run([*check, str(broken)], capture_output=True).returncode != 0
 
 
+def _nginx_http_on_loopback(config: str) -> str:
+    """The HTTP part's replica and listen lines moved to loopback (`server:8000` resolves only on the compose
+    network), as nginx_config_for_loopback does for the gRPC part."""
+    replaced = {f"server server:{HTTP_PORT};": "server 127.0.0.1:1;", f"listen {HTTP_PORT};": "listen 127.0.0.1:2;"}
+    for old, new in replaced.items():
+        assert config.count(old) == 1, f"deploy/nginx/nginx.conf should have {old!r} once"
+        config = config.replace(old, new)
+    return config
+
+
 def test_nginx_config_passes_nginx_t_with_grpc_module(tmp_path: Path) -> None:
     config = tmp_path / "nginx.conf"
-    config.write_text(
-        nginx_config_for_loopback(NGINX_CONFIG.read_text(), 50051, ["127.0.0.1:1", "127.0.0.1:2"], tmp_path)
-    )
+    source = _nginx_http_on_loopback(NGINX_CONFIG.read_text())
+    config.write_text(nginx_config_for_loopback(source, 50051, ["127.0.0.1:1", "127.0.0.1:2"], tmp_path))
     result = subprocess.run(
         [tool("nginx"), "-p", str(tmp_path), "-c", str(config), "-e", "stderr", "-t"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     assert "grpc_pass grpc://modelserver;" in config.read_text()
+
+
+def test_nginx_proxies_the_rest_apis_with_limits() -> None:
+    """/v1 and /v2 go to the servers' HTTP port over keep-alive HTTP/1.1, bodies up to just above the server's own
+    limit (so that its JSON 413 is what clients see), nginx's own refusals as JSON; the gRPC part is unchanged."""
+    config = NGINX_CONFIG.read_text()
+    http = config[config.index("upstream modelserver_http") :]
+    assert "location ~ ^/v[12](/|$) {" in http and "proxy_pass http://modelserver_http;" in http
+    for directive in ("proxy_http_version 1.1;", 'proxy_set_header Connection "";', "limit_conn modelserver_calls"):
+        assert directive in http, directive
+    body_limit = re.search(r"client_max_body_size (\d+)m;", http)
+    assert body_limit is not None and int(body_limit.group(1)) << 20 > 16 << 20  # --max-receive-message-bytes
+    for status in ("413", "429", "502 503", "504"):
+        assert re.search(rf"error_page {status} = @http_\w+;", http), status
+    assert re.findall(r"return (\d+) '\{\"error\": ", http) == ["404", "429", "413", "503", "504"]
+    assert "grpc_pass grpc://modelserver;" in config[: config.index("upstream modelserver_http")]
+
+
+# --- The image's dependencies -------------------------------------------------------------------------------------
+
+
+def _locked() -> dict[str, str]:
+    pins = re.findall(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", (REPO_ROOT / "requirements.lock").read_text(), re.MULTILINE)
+    return {name.lower().replace("_", "-"): version for name, version in pins}
+
+
+def test_image_dependencies_are_pinned_in_the_lock() -> None:
+    """The image installs pyproject's runtime dependencies with requirements.lock as constraints: each one pinned
+    there at the same version, the HTTP stack's (uvicorn, httptools, orjson, and click and h11 under uvicorn) too."""
+    locked = _locked()
+    dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for requirement in dependencies:
+        pinned = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^]]+\])?==(\S+)", requirement)
+        assert pinned is not None, f"{requirement}: runtime dependencies are pinned with =="
+        assert locked.get(pinned.group(1).lower().replace("_", "-")) == pinned.group(2), requirement
+    http_stack = {"uvicorn": "0.55.0", "httptools": "0.9.0", "orjson": "3.13.0"}
+    assert {name: locked.get(name) for name in http_stack} == http_stack
+    assert locked.get("click") and locked.get("h11")
+
+
+def test_filled_wheelhouse_installs_the_image_offline(tmp_path: Path) -> None:
+    """What the Dockerfile's install does from a filled wheelhouse (`make wheelhouse`), resolved without installing:
+    every runtime dependency, and theirs, from the wheels alone (no index, nor the host's pip configuration)."""
+    if not any(WHEELHOUSE.glob("*.whl")):
+        pytest.skip("the wheelhouse is empty (`make wheelhouse` fills it); the image would install from PyPI")
+    dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("\n".join(dependencies) + "\n")
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--ignore-installed", "--quiet",
+               "--no-index", "--find-links", str(WHEELHOUSE), "-r", str(requirements), "-c", "requirements.lock",
+               "-c", "deploy/docker/requirements-gpu.lock", "--report", str(report)]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env={"PIP_CONFIG_FILE": "/dev/null", "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert result.returncode == 0, "the wheelhouse is missing wheels (run `make wheelhouse`):\n" + result.stderr
+    installed = {
+        i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]
+    }
+    locked = _locked()
+    for name in ("uvicorn", "httptools", "orjson", "click", "h11"):
+        assert installed.get(name) == locked[name], name
 
 
 # --- README -------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The load-test tool against a real server: counts add up on both sides, errors are classified by status code.
+"""The load-test tool against a real server: counts add up on both sides, errors are classified by status code, over
+gRPC and over the HTTP port (the REST protocols against `modelserver_requests_total{transport="http"}`).
 tests/unit/test_loadtest.py tests what needs no server.
 
 Nothing here asserts on timing; the runs are a few dozen requests so that they stay short on 2 cores.
@@ -12,6 +13,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from clients.client import TYPED_MODELS
 from clients.loadtest import CLIENT_OVERLOAD, LoadTestConfig, LoadTestResult, run_loadtest
@@ -119,3 +122,69 @@ def test_cli_end_to_end(server: ServerProcess, tmp_path: Path) -> None:
     assert set(summary["latency_ms"]) == {"p50", "p90", "p99", "max", "mean"}
     assert summary["throughput_rps"] > 0 and summary["duration_s"] > 0
     assert served(server, "multi_input") - before == 20
+
+
+# -- the REST protocols: the same counts on the HTTP port -------------------------------------------------------------
+
+REST_METHODS = {"rest-oip-json": "oip.ModelInfer", "rest-oip-binary": "oip.ModelInfer", "rest-tfserving": "tfs.Predict"}
+
+
+def served_http(server: ServerProcess, model: str, protocol: str, code: str = "OK") -> float:
+    return server.metric(
+        "modelserver_requests_total", model=model, method=REST_METHODS[protocol], code=code, transport="http"
+    )
+
+
+def run_rest(server: ServerProcess, model: str, protocol: str, **settings: object) -> LoadTestResult:
+    config = LoadTestConfig(
+        target=server.target, http_target=server.http_url, model=model, protocol=protocol, **settings
+    )
+    return asyncio.run(run_loadtest(config))
+
+
+@pytest.mark.parametrize("protocol", sorted(REST_METHODS))
+def test_rest_closed_loop_count_matches_the_servers_http_counter(server: ServerProcess, protocol: str) -> None:
+    before = served_http(server, "multi_input", protocol)
+    result = run_rest(server, "multi_input", protocol, concurrency=4, requests=30, rows_per_request=3)
+    assert (result.mode, result.requests, result.ok, result.errors) == ("closed", 30, 30, {})
+    assert (result.protocol, result.target) == (protocol, server.http_url)
+    assert served_http(server, "multi_input", protocol) - before == 30
+    assert_consistent(result)
+
+
+@pytest.mark.parametrize("protocol", sorted(REST_METHODS))
+def test_rest_open_loop_count_matches_the_servers_http_counter(server: ServerProcess, protocol: str) -> None:
+    before = served_http(server, "residual_cnn", protocol)
+    result = run_rest(server, "residual_cnn", protocol, rate=200, requests=20, rows_per_request=2)
+    assert (result.mode, result.requests, result.ok, result.errors) == ("open", 20, 20, {})
+    assert served_http(server, "residual_cnn", protocol) - before == 20
+    assert_consistent(result)
+
+
+@pytest.mark.parametrize("protocol", ["rest-oip-binary", "rest-tfserving"])
+def test_rest_refusals_are_counted_by_code_on_both_sides(server: ServerProcess, protocol: str) -> None:
+    """More rows than a request may carry (--max-queued-rows, 4096 by default): 400 on the wire, INVALID_ARGUMENT in
+    both counts; nothing counted as served."""
+    before_ok, before_invalid = (served_http(server, "shared_layer", protocol, c) for c in ("OK", "INVALID_ARGUMENT"))
+    result = run_rest(server, "shared_layer", protocol, concurrency=2, requests=4, rows_per_request=4097)
+    assert (result.requests, result.ok, result.errors) == (4, 0, {"INVALID_ARGUMENT": 4})
+    assert served_http(server, "shared_layer", protocol, "INVALID_ARGUMENT") - before_invalid == 4
+    assert served_http(server, "shared_layer", protocol) == before_ok
+    assert_consistent(result)
+
+
+def test_rest_cli_end_to_end(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "summary.json"
+    before = served_http(server, "shared_layer", "rest-oip-binary")
+    command = [sys.executable, "-m", "clients", "--http-target", server.http_url, "loadtest", "shared_layer"]
+    command += ["--protocol", "rest-oip-binary", "--concurrency", "2", "--requests", "20", "--json", str(out)]
+    completed = subprocess.run(command + ["--no-progress"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    summary = json.loads(out.read_text())
+    assert (summary["protocol"], summary["requests"], summary["ok"], summary["errors"]) == (
+        "rest-oip-binary",
+        20,
+        20,
+        {},
+    )
+    assert served_http(server, "shared_layer", "rest-oip-binary") - before == 20

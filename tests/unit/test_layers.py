@@ -14,7 +14,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("registry", "batching"),
     ("dataplane",),
     ("protocols",),
-    ("grpc",),
+    ("grpc", "http"),
     ("settings",),
     ("app",),
     ("workers",),
@@ -75,3 +75,21 @@ def test_no_transport_below_the_transports() -> None:
                     names = [node.module]
                 offenders += [f"{path.relative_to(SERVER.parent)}: {n}" for n in names if n.split(".")[0] == "grpc"]
     assert not offenders, "gRPC imported below the transport:\n" + "\n".join(offenders)
+
+
+def test_each_transport_keeps_to_its_own_stack() -> None:
+    """The HTTP transport imports no gRPC, and nothing but the HTTP transport imports its HTTP stack."""
+    offenders = []
+    for path in sorted(SERVER.rglob("*.py")):
+        package = package_of(".".join(path.relative_to(SERVER.parent).with_suffix("").parts))
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if (package == "http" and top == "grpc") or (package != "http" and top in ("uvicorn", "httptools")):
+                    offenders.append(f"{path.relative_to(SERVER.parent)}: {name}")
+    assert not offenders, "a transport's stack imported outside it:\n" + "\n".join(offenders)

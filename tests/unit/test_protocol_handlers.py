@@ -523,7 +523,7 @@ class _Context:
 def test_not_offered_is_unimplemented_and_counted_alike_in_every_protocol(core, servicer, method):
     assert to_status(NotOfferedError("x")) == (grpc.StatusCode.UNIMPLEMENTED, "x")
     handler = getattr(servicer(core), method.name)
-    labels = {"model": "", "method": method.value}
+    labels = {"model": "", "method": method.value, "transport": "grpc"}
     before = REGISTRY.get_sample_value("modelserver_requests_total", {**labels, "code": "UNIMPLEMENTED"}) or 0
     timed = REGISTRY.get_sample_value("modelserver_request_duration_seconds_count", labels) or 0
     context = _Context()
