@@ -229,7 +229,7 @@ class HttpApi:
 
     async def _read(self, receive: ASGIReceive, headers: Mapping[str, str]) -> bytes:
         declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise BodyTooLarge(_too_large(int(declared), self.max_body_bytes))
         chunks, size = [], 0
         while True:
@@ -292,7 +292,10 @@ def _decompressed(body: bytes, headers: Mapping[str, str], limit: int) -> bytes:
             last = error
             continue
         if len(data) > limit or inflater.unconsumed_tail:
-            raise BodyTooLarge(_too_large(limit + 1, limit).replace("is", "decompresses to more than", 1))
+            raise BodyTooLarge(
+                f"the request body decompresses to more than the server takes ({limit} bytes, "
+                "--max-receive-message-bytes): send fewer rows per request"
+            )
         if not inflater.eof:
             raise InvalidInputError(f"the {encoding} body ends before its compressed stream does")
         return data
@@ -308,11 +311,11 @@ def _check_content_type(headers: Mapping[str, str]) -> None:
     kind = given.split(";", 1)[0].strip().lower()
     if kind in JSON_TYPES or kind.endswith("+json") or kind == "":
         return
-    if kind == BINARY_TYPE and "inference-header-content-length" in headers:
+    if kind == BINARY_TYPE:  # Triton's binary format; aiohttp (tritonclient.http.aio) also labels JSON bodies so
         return
     raise InvalidInputError(
         f"Content-Type {kind!r} is not taken here: send JSON (application/json), or Triton's binary tensor format "
-        "(the header Inference-Header-Content-Length, and application/octet-stream or no Content-Type)"
+        "(application/octet-stream, with the header Inference-Header-Content-Length)"
     )
 
 

@@ -254,7 +254,12 @@ def _versions(model_dir: Path) -> list[ModelVersion]:
     """The model's version folders that hold a model, ascending; raises OSError when the folder changed under us."""
     versions = []
     for version_dir in model_dir.iterdir():
-        if not (version_dir.name.isdigit() and int(version_dir.name) > 0 and version_dir.is_dir()):
+        if not (
+            version_dir.name.isascii()
+            and version_dir.name.isdigit()
+            and int(version_dir.name) > 0
+            and version_dir.is_dir()
+        ):
             continue
         if (version_dir / SAVED_MODEL_FILE).is_file() or (version_dir / KERAS_FILE).is_file():
             versions.append(ModelVersion(model_dir.name, int(version_dir.name), version_dir, fingerprint(version_dir)))

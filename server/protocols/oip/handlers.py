@@ -64,7 +64,10 @@ class Method(MethodLabel):
 SERVER_NAME = "modelserver"
 # The extensions ServerMetadata lists, in Triton's names.
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
-_SHARED_MEMORY = "send tensors in the request (raw_input_contents or typed contents)"
+_SHARED_MEMORY = (
+    "send tensors in the request (over gRPC: raw_input_contents or typed contents; over HTTP: data, or binary data "
+    "after the JSON with binary_data_size)"
+)
 # The extensions we do not offer: each method's extension, and what to do instead.
 NOT_OFFERED: dict[Method, tuple[str, str]] = {
     Method.SystemSharedMemoryStatus: ("system_shared_memory", _SHARED_MEMORY),
