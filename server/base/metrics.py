@@ -75,6 +75,12 @@ BATCHES = Counter(
     "deadline (a queued deadline allowed no more waiting), unbatched (batching off: one request per call).",
     ["model", "reason"],
 )
+SIGNATURE_ROWS = Counter(
+    "modelserver_signature_rows",
+    "Request rows answered by the model, by signature (TF Serving's signature_name; serving_default for every "
+    "protocol that names none). Each signature is batched on its own; the batch metrics above sum them per model.",
+    ["model", "signature"],
+)
 BATCH_PADDING = Counter(
     "modelserver_batch_padding_rows",
     "Rows added to reach an allowed batch size; computed and then dropped.",

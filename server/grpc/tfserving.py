@@ -41,8 +41,7 @@ class PredictionService(_Servicer):
     @rpc(Method.GetModelMetadata, lambda self, request: self.label(request.model_spec.name))
     async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: Context) -> Any:
         spec = tfs.model_spec_of(request.model_spec)
-        meta = self.handlers.get_model_metadata(spec, list(request.metadata_field))
-        return tfs.metadata_response(meta.name, meta.version, meta.inputs, meta.outputs, meta.batched)
+        return tfs.metadata_response(self.handlers.get_model_metadata(spec, list(request.metadata_field)))
 
     Classify = not_offered(Method.Classify)
     Regress = not_offered(Method.Regress)

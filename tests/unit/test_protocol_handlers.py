@@ -21,6 +21,7 @@ from server.base.errors import (
     ModelNotFoundError,
     NotAllowedError,
     NotOfferedError,
+    SignatureNotFoundError,
     UnavailableError,
 )
 from server.base.tensors import InputLimits, TensorSpec
@@ -43,6 +44,7 @@ from server.protocols.typed import codec as typed_codec
 from server.protocols.typed.handlers import Method as TypedMethod
 from server.protocols.typed.handlers import TypedHandlers
 from server.registry.manager import Phase
+from server.runtimes.base import ModelRuntime
 from server.runtimes.savedmodel import SIGNATURE
 
 F32 = np.dtype(np.float32)
@@ -55,6 +57,15 @@ class FakeRuntime:
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
     batched: bool = True
+    signature_name: str = SIGNATURE
+    signatures: dict[str, FakeRuntime] = field(default_factory=dict)  # the other signatures of its version
+    unservable: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.signatures = {self.signature_name: self, **self.signatures}
+
+    def signature(self, key: str) -> Any:
+        return ModelRuntime.signature(self, key)  # type: ignore[arg-type]  # the real lookup, on the fake
 
 
 @dataclass
@@ -86,6 +97,7 @@ class FakeCore:
         self.limits: list[InputLimits] = []
         self.states: dict[str, list[tuple[int, str, str]]] = {}
         self.not_ready: set[tuple[str, int]] = set()
+        self.signatures_called: list[str] = []
 
     def _versions(self, name: str) -> list[int]:
         return sorted(v for n, v in self._runtimes if n == name)
@@ -118,10 +130,16 @@ class FakeCore:
         return decode(limits)
 
     async def infer(
-        self, name: str, version: int, inputs: Mapping[str, np.ndarray], deadline: float | None = None
+        self,
+        name: str,
+        version: int,
+        inputs: Mapping[str, np.ndarray],
+        deadline: float | None = None,
+        signature: str = "",
     ) -> InferenceResult:
         runtime = self.resolve(name, version)
         self.calls.append((name, runtime.version, dict(inputs), deadline))
+        self.signatures_called.append(signature)
         return InferenceResult(runtime.version, self._run(inputs), runtime.batched)
 
     async def infer_flat(
@@ -395,6 +413,26 @@ def test_tfs_predict_answers_the_filtered_outputs_with_the_served_spec(core):
     assert response.model_spec.version == 1 and list(response.outputs) == ["sum", "scores"]
 
 
+def test_tfs_predict_runs_the_signature_it_names_validated_against_its_own_inputs():
+    """Each signature has its own specs: a request decodes within the named signature's limits, the core runs that
+    signature (the default one as "", so its hot path is unchanged), and the reply names it."""
+    images = FakeRuntime("m", 1, {"images": _spec("images", 4)}, {"scores": _spec("scores", 3)}, True, "predict_images")
+    runtime = FakeRuntime("m", 1, {"x": _spec("x", 3)}, {"sum": _spec("sum", 1)}, signatures={"predict_images": images})
+    core = FakeCore([runtime], lambda inputs: {"scores" if "images" in inputs else "sum": np.ones((1, 3), np.float32)})
+    request = PredictRequest(
+        ModelSpec("m", signature_name="predict_images"), lambda limits: {"images": np.ones((1, 4))}
+    )
+    response = _run(TfServingHandlers(core).predict(request))
+    assert response.model_spec == ModelSpec("m", 1, signature_name="predict_images")
+    assert list(response.outputs) == ["scores"] and core.signatures_called == ["predict_images"]
+    assert list(core.limits[-1].specs) == ["images"]  # decoded within the signature's own inputs
+    _run(TfServingHandlers(core).predict(PredictRequest(ModelSpec("m"), lambda limits: {"x": np.ones((1, 3))})))
+    assert core.signatures_called[-1] == ""
+    with pytest.raises(SignatureNotFoundError, match="its signatures: 'predict_images', 'serving_default'$"):
+        _run(TfServingHandlers(core).predict(PredictRequest(ModelSpec("m", signature_name="nope"), request.decode)))
+    assert to_status(SignatureNotFoundError("x"))[0] == grpc.StatusCode.FAILED_PRECONDITION  # as TF Serving's
+
+
 @pytest.mark.parametrize(
     ("spec", "error", "words"),
     [
@@ -402,7 +440,12 @@ def test_tfs_predict_answers_the_filtered_outputs_with_the_served_spec(core):
         (ModelSpec("m", 7), ModelNotFoundError, "^Servable not found for request: Specific\\(m, 7\\): "),
         (ModelSpec("m", version_label="stable"), ModelNotFoundError, "has no version label 'stable'"),
         (ModelSpec("m", -1), InvalidInputError, "version must be >= 1 \\(or absent: latest\\), got -1"),
-        (ModelSpec("m", signature_name="other"), InvalidInputError, 'Serving signature key "other" not found'),
+        (
+            ModelSpec("m", signature_name="other"),
+            SignatureNotFoundError,
+            "^Serving signature key \"other\" not found: model 'm' has no signature 'other'; its signatures: "
+            "'serving_default'$",
+        ),
     ],
 )
 def test_tfs_predict_refuses_in_tf_servings_words(core, spec, error, words):
@@ -445,7 +488,10 @@ def test_tfs_model_status_agrees_with_readiness(core):
 
 @pytest.mark.parametrize("method", [TfsMethod.Classify, TfsMethod.Regress, TfsMethod.MultiInference])
 def test_tfs_methods_not_offered_say_what_to_use(core, method):
-    with pytest.raises(NotOfferedError, match=f"^{method.name} is not offered by this server .*{SIGNATURE} signature"):
+    with pytest.raises(
+        NotOfferedError,
+        match=f"^{method.name} is not offered by this server .*call Predict with the signature's tensors",
+    ):
         TfServingHandlers(core).not_offered(method)
     with pytest.raises(NotOfferedError, match="--repository-poll-seconds"):
         TfServingHandlers(core).not_offered(TfsMethod.HandleReloadConfigRequest)

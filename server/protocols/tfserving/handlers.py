@@ -1,8 +1,8 @@
 """TensorFlow Serving's handlers (PredictionService Predict and GetModelMetadata, ModelService GetModelStatus),
 knowing nothing of their transport: each takes a decoded request (plain data, server/protocols/tfserving/types.py)
 and returns a reply or raises one of the core's errors. Every rule of the protocol is here once: version numbers
-and labels, the one signature, TF Serving's words for an unknown model or version ("Servable not found for
-request", "Could not find any versions of model"), followed by ours, the version states, and the methods we do not
+and labels, the signature a request names, TF Serving's words for an unknown model or version ("Servable not found
+for request", "Could not find any versions of model"), followed by ours, the version states, and the methods we do not
 offer (Classify, Regress, MultiInference, HandleReloadConfigRequest), which say what to use instead. The gRPC
 servicers (server/grpc/tfserving.py) only decode, call these and encode.
 """
@@ -44,7 +44,9 @@ STATES = {
 UNKNOWN_ERROR = 2  # tensorflow.error.Code UNKNOWN: a load failure's code is not known more precisely
 # GetModelMetadata's one field.
 METADATA_FIELD = "signature_def"
-_PREDICT_INSTEAD = f"call Predict with the model's {SIGNATURE} signature (tf.Example inputs are not taken)"
+_PREDICT_INSTEAD = (
+    "call Predict with the signature's tensors (signature_name names any signature; tf.Example inputs are not taken)"
+)
 # The methods we do not offer, and what to do instead.
 NOT_OFFERED: dict[Method, str] = {
     Method.Classify: _PREDICT_INSTEAD,
@@ -77,32 +79,27 @@ def version_of(spec: ModelSpec) -> int:
     return spec.version
 
 
-def check_signature(spec: ModelSpec) -> None:
-    if spec.signature_name not in ("", SIGNATURE):
-        raise InvalidInputError(
-            f'Serving signature key "{codec.shown(spec.signature_name)}" not found: '
-            f"model '{spec.name}' has no signature {quoted(spec.signature_name)}; its signature is '{SIGNATURE}'"
-        )
-
-
 class TfServingHandlers(Handlers):
     async def predict(self, request: PredictRequest, deadline: float | None = None) -> PredictResponse:
-        """Run one request on the model's serving signature; `deadline` is a time.monotonic() value (None: none)."""
+        """Run one request on the signature it names (`signature_name`, "" = serving_default), validated against
+        that signature's own inputs; an unknown signature is FAILED_PRECONDITION naming those that exist, as TF
+        Serving's "Serving signature key ... not found". `deadline` is a time.monotonic() value (None: none)."""
         spec = request.model_spec
         version = version_of(spec)
         with not_found_in_words(_servable(spec.name, version)):
             runtime = self.core.resolve(spec.name, version)
-        check_signature(spec)
+        runtime = runtime.signature(spec.signature_name)
         names = codec.output_names(spec.name, runtime.outputs, request.output_filter)
         inputs = self.core.decode(runtime, request.decode)
-        result = await self.core.infer(spec.name, runtime.version, inputs, deadline)
+        signature = "" if runtime.signature_name == SIGNATURE else runtime.signature_name
+        result = await self.core.infer(spec.name, runtime.version, inputs, deadline, signature)
         return PredictResponse(
-            ModelSpec(spec.name, result.version, signature_name=SIGNATURE),
+            ModelSpec(spec.name, result.version, signature_name=runtime.signature_name),
             {name: result.outputs[name] for name in names},
         )
 
     def get_model_metadata(self, spec: ModelSpec, metadata_fields: Sequence[str] = ()) -> ModelMetadata:
-        """The version's serving signature (the one metadata field), for codec.metadata_response."""
+        """The version's signatures (the one metadata field, `signature_def`), for codec.metadata_response."""
         unsupported = [f for f in metadata_fields if f != METADATA_FIELD]
         if unsupported:
             raise InvalidInputError(
