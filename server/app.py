@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from models.registry import BUILTIN_MODELS
 from modelserver.v1 import modelserver_pb2
 from server.base import metrics
+from server.base.errors import ServingError
 from server.base.hold import HoldPoints
 from server.base.ports import write_port_file
 from server.batching.batcher import Batcher
@@ -31,7 +33,7 @@ from server.grpc.health import HealthService
 from server.grpc.rpc import add_service
 from server.grpc.security import BearerTokenInterceptor
 from server.grpc.typed import ModelService
-from server.registry import repository
+from server.registry import model_config, repository
 from server.registry.manager import ModelManager, Phase
 from server.runtimes.base import ModelRuntime
 from server.runtimes.device import select_device
@@ -81,10 +83,11 @@ def _open_version(loading: _Loading, found: repository.ModelVersion) -> ModelRun
 
 
 def prepare_repository(settings: Settings, holds: HoldPoints) -> str:
-    """Pick the device and export missing built-in models (blocking); returns the device."""
+    """Pick the device and export missing built-in models (blocking); returns the device. With a model config the
+    config names what is served, and nothing is exported."""
     device = select_device(settings.intra_op_threads, settings.inter_op_threads)
     metrics.DEVICE_INFO.labels(device).set(1)
-    for definition in BUILTIN_MODELS.values():
+    for definition in BUILTIN_MODELS.values() if settings.model_config_file is None else ():
         started = time.perf_counter()
         if repository.ensure_exported(
             settings.model_repository,
@@ -108,7 +111,14 @@ async def _load_all(settings: Settings, manager: ModelManager, loading: _Loading
     loading.device = await asyncio.get_running_loop().run_in_executor(
         executor, prepare_repository, settings, loading.holds
     )
+    if settings.model_config_file is not None:
+        config, _ = model_config.read_config(settings.model_config_file)
+        manager.use_config(config)
     await manager.sync(initial=True)
+    if manager.config is not None:
+        # TF Serving checks labels before loading, so that a label at start-up needs its flag; here they are checked
+        # once the start-up load is done: a label on a version that did not become available still stops the start.
+        manager.check_labels(manager.config)
     log.info("froze %d startup objects out of the garbage collector's reach", metrics.freeze_startup_heap())
     manager.heap_frozen()
     manager.set_phase(Phase.SERVING)
@@ -247,8 +257,9 @@ def _build_core(settings: Settings, siblings: Siblings) -> _Core:
         functools.partial(_open_version, loading),
         batcher.retire,
         settings.version_policy_for,
-        builtin=BUILTIN_MODELS,
+        builtin=BUILTIN_MODELS if settings.model_config_file is None else (),
     )
+    manager.allow_unavailable_labels = settings.allow_version_labels_for_unavailable_models
     # Ready (SERVING, and calls taken) only once every worker of the server is: a lone server as soon as it is.
     manager.whole_server_serving = siblings.all_serving
     siblings.attach(manager.republish)
@@ -322,6 +333,26 @@ async def _listen(settings: Settings, parts: _Core, reuse_port: bool) -> _Listen
     if settings.port_file is not None:
         write_port_file(settings.port_file, port, metrics_port, [os.getpid()])
     return _Listener(server, marker, port, metrics_port)
+
+
+async def _poll_model_config(manager: ModelManager, path: Path, seconds: float) -> None:
+    """Read the model config file every `seconds` (TF Serving's --model_config_file_poll_wait_seconds); a changed one
+    replaces the served set as HandleReloadConfigRequest does. One that cannot be read or is refused is logged
+    (once per content) and the config in force keeps serving."""
+    _, applied = await asyncio.to_thread(model_config.read_config, path)
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            config, raw = await asyncio.to_thread(model_config.read_config, path)
+            if raw == applied:
+                continue
+            applied = raw  # tried once per content: a refused file is not retried until it changes
+            await manager.reload(config)
+            log.info("model config file %s reloaded", path)
+        except ServingError as error:
+            log.error("model config file %s refused; the config in force keeps serving: %s", path, error)
+        except Exception:
+            log.exception("reloading the model config file %s failed; the config in force keeps serving", path)
 
 
 class _Signals:
@@ -399,19 +430,24 @@ async def serve(
     if loaded is False:
         return await _stop_while_starting(listener, parts)
     exit_code = 0
-    polling = None
+    polling = config_polling = None
     if loaded:
         log.info("SERVING %s after %.2fs", ", ".join(parts.core.model_names()), time.perf_counter() - started)
         if settings.repository_poll_seconds > 0:
             polling = asyncio.create_task(parts.manager.poll(settings.repository_poll_seconds))
+        if settings.model_config_file is not None and settings.model_config_file_poll_seconds > 0:
+            config_polling = asyncio.create_task(
+                _poll_model_config(parts.manager, settings.model_config_file, settings.model_config_file_poll_seconds)
+            )
         if notify is not None:
             notify("serving")
         await signals.stop.wait()
         log.info("signal received: health NOT_SERVING, %d request(s) in flight", parts.core.in_flight)
     else:
         exit_code = 1  # start-up failed: drain what little there is, and exit non-zero
-    if polling is not None:
-        polling.cancel()
+    for task in (polling, config_polling):
+        if task is not None:
+            task.cancel()
     await _drain(settings, listener.server, parts.core, listener.marker, siblings)
     await parts.close(wait=True)
     listener.marker.close()

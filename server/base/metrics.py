@@ -104,6 +104,12 @@ MODEL_READY = Gauge(
     ["model", "version"],
     multiprocess_mode="livemin",  # ready only when every running worker serves it
 )
+VERSION_LABEL = Gauge(
+    "modelserver_version_label_info",
+    "1 for each version label of a model (a model config's version_labels) and the version it names now.",
+    ["model", "label", "version"],
+    multiprocess_mode="max",
+)
 MODEL_LOAD_DURATION = Gauge(
     "modelserver_model_load_duration_seconds",
     "Seconds the last load of the model took: loading the SavedModel and warming up every batch size.",

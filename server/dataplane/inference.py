@@ -14,7 +14,8 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 from prometheus_client import REGISTRY
@@ -24,8 +25,12 @@ from server.base.errors import InvalidInputError, OverloadedError, UnavailableEr
 from server.base.tensors import InputLimits, TensorSpec, check_finite_outputs, rows_from_flat, validate_inputs
 from server.batching.config import BatchingConfig
 from server.batching.policy import CostModel
+from server.registry import model_config
 from server.registry.manager import ACCEPTING, ModelManager, Phase, State, Version
 from server.runtimes.base import DEFAULT_SIGNATURE, ModelRuntime
+
+if TYPE_CHECKING:
+    from tensorflow_serving.config.model_server_config_pb2 import ModelServerConfig
 
 T = TypeVar("T")
 
@@ -161,6 +166,16 @@ class InferenceService:
         except InvalidInputError:
             metrics.REJECTED.labels(runtime.name, "invalid").inc()
             raise
+
+    def version_for_label(self, name: str, label: str) -> int:
+        """The version a label names now (NOT_FOUND naming the model's labels when it has no such label)."""
+        return self.manager.version_for_label(name, label)
+
+    async def reload_config(self, message: ModelServerConfig) -> None:
+        """Replace the served models by a model config (TF Serving's ModelServerConfig; relative base paths from the
+        config file's folder): refused whole, with the reason, when anything in it is wrong."""
+        root = self.manager.config.root if self.manager.config is not None else Path()
+        await self.manager.reload(model_config.from_proto(message, root))
 
     def is_ready(self, name: str, version: int = 0) -> bool:
         """Whether the model (and version, 0 = latest) answers requests now: available, and the server ready."""

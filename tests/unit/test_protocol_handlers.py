@@ -98,6 +98,7 @@ class FakeCore:
         self.states: dict[str, list[tuple[int, str, str]]] = {}
         self.not_ready: set[tuple[str, int]] = set()
         self.signatures_called: list[str] = []
+        self.labels: dict[str, dict[str, int]] = {}  # model -> version label -> version
 
     def _versions(self, name: str) -> list[int]:
         return sorted(v for n, v in self._runtimes if n == name)
@@ -116,6 +117,13 @@ class FakeCore:
         if number not in versions:
             raise ModelNotFoundError(f"model '{name}' has no version {number}")
         return self._runtimes[(name, number)]
+
+    def version_for_label(self, name: str, label: str) -> int:
+        if label in self.labels.get(name, {}):
+            return self.labels[name][label]
+        self.resolve(name)
+        known = ", ".join(f"{k} -> {v}" for k, v in sorted(self.labels.get(name, {}).items()))
+        raise ModelNotFoundError(f"model '{name}' has no version label '{label}'; its labels: {known or 'none'}")
 
     def is_ready(self, name: str, version: int = 0) -> bool:
         try:
@@ -438,7 +446,12 @@ def test_tfs_predict_runs_the_signature_it_names_validated_against_its_own_input
     [
         (ModelSpec("nope"), ModelNotFoundError, "^Servable not found for request: Latest\\(nope\\): no model named"),
         (ModelSpec("m", 7), ModelNotFoundError, "^Servable not found for request: Specific\\(m, 7\\): "),
-        (ModelSpec("m", version_label="stable"), ModelNotFoundError, "has no version label 'stable'"),
+        (
+            ModelSpec("m", version_label="stable"),
+            ModelNotFoundError,
+            "^Unrecognized servable version label: stable: model 'm' has no version label 'stable'",
+        ),
+        (ModelSpec("nope", version_label="stable"), ModelNotFoundError, "^Servable not found for request: Latest"),
         (ModelSpec("m", -1), InvalidInputError, "version must be >= 1 \\(or absent: latest\\), got -1"),
         (
             ModelSpec("m", signature_name="other"),
@@ -452,6 +465,25 @@ def test_tfs_predict_refuses_in_tf_servings_words(core, spec, error, words):
     with pytest.raises(error, match=words):
         _run(TfServingHandlers(core).predict(_predict_request(spec, np.ones((1, 3), np.float32))))
     assert not core.calls
+
+
+def test_tfs_version_labels_name_a_version_for_predict_metadata_and_status(core):
+    """A label resolves to the version it names now, in each of the three methods; moving it (one assignment of the
+    map) moves the next request."""
+    core.labels = {"m": {"stable": 1, "canary": 2}}
+    core.states = {"m": [(1, "available", ""), (2, "available", "")]}
+    handlers = TfServingHandlers(core)
+    x = np.ones((1, 3), np.float32)
+    assert _run(handlers.predict(_predict_request(ModelSpec("m", version_label="stable"), x))).model_spec.version == 1
+    assert _run(handlers.predict(_predict_request(ModelSpec("m", version_label="canary"), x))).model_spec.version == 2
+    assert handlers.get_model_metadata(ModelSpec("m", version_label="stable")).version == 1
+    assert handlers.get_model_status(ModelSpec("m", version_label="canary")) == [ModelVersionStatus(2, "AVAILABLE")]
+    core.labels = {"m": {"stable": 2}}
+    assert _run(handlers.predict(_predict_request(ModelSpec("m", version_label="stable"), x))).model_spec.version == 2
+    with pytest.raises(
+        ModelNotFoundError, match="^Unrecognized servable version label: canary: .*its labels: stable -> 2$"
+    ):
+        handlers.get_model_status(ModelSpec("m", version_label="canary"))
 
 
 def test_tfs_metadata_takes_only_the_signature_field(core):
@@ -493,8 +525,6 @@ def test_tfs_methods_not_offered_say_what_to_use(core, method):
         match=f"^{method.name} is not offered by this server .*call Predict with the signature's tensors",
     ):
         TfServingHandlers(core).not_offered(method)
-    with pytest.raises(NotOfferedError, match="--repository-poll-seconds"):
-        TfServingHandlers(core).not_offered(TfsMethod.HandleReloadConfigRequest)
 
 
 # -- our typed API -----------------------------------------------------------------------------------------------
@@ -563,7 +593,7 @@ class _Context:
     [
         (lambda core: oip_grpc.OipService(core), OipMethod.TraceSetting),
         (lambda core: tfs_grpc.PredictionService(core), TfsMethod.Classify),
-        (lambda core: tfs_grpc.ModelService(core), TfsMethod.HandleReloadConfigRequest),
+        (lambda core: tfs_grpc.PredictionService(core), TfsMethod.Regress),
     ],
 )
 def test_not_offered_is_unimplemented_and_counted_alike_in_every_protocol(core, servicer, method):
