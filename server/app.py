@@ -112,8 +112,7 @@ async def _load_all(settings: Settings, manager: ModelManager, loading: _Loading
         executor, prepare_repository, settings, loading.holds
     )
     if settings.model_config_file is not None:
-        config, _ = model_config.read_config(settings.model_config_file)
-        manager.use_config(config)
+        manager.use_config(model_config.read_config(settings.model_config_file))
     await manager.sync(initial=True)
     if manager.config is not None:
         # TF Serving checks labels before loading, so that a label at start-up needs its flag; here they are checked
@@ -336,22 +335,30 @@ async def _listen(settings: Settings, parts: _Core, reuse_port: bool) -> _Listen
 
 
 async def _poll_model_config(manager: ModelManager, path: Path, seconds: float) -> None:
-    """Read the model config file every `seconds` (TF Serving's --model_config_file_poll_wait_seconds); a changed one
-    replaces the served set as HandleReloadConfigRequest does. One that cannot be read or is refused is logged
-    (once per content) and the config in force keeps serving."""
-    _, applied = await asyncio.to_thread(model_config.read_config, path)
+    """Read the model config file every `seconds` (TF Serving's --model_config_file_poll_wait_seconds); one that
+    differs from the config in force (HandleReloadConfigRequest's included) replaces it as that RPC does. One that
+    cannot be read or is refused is logged once per content, and the config in force keeps serving."""
+    refused = b""
     while True:
         await asyncio.sleep(seconds)
         try:
-            config, raw = await asyncio.to_thread(model_config.read_config, path)
-            if raw == applied:
+            text = await asyncio.to_thread(path.read_bytes)
+        except OSError as error:
+            log.warning("cannot read the model config file %s (%s); the config in force keeps serving", path, error)
+            continue
+        if text == refused:
+            continue
+        try:
+            config = model_config.parse_config(text.decode(errors="replace"), path.parent)
+            if manager.config is not None and config.source == manager.config.source:
                 continue
-            applied = raw  # tried once per content: a refused file is not retried until it changes
             await manager.reload(config)
             log.info("model config file %s reloaded", path)
         except ServingError as error:
+            refused = text
             log.error("model config file %s refused; the config in force keeps serving: %s", path, error)
         except Exception:
+            refused = text
             log.exception("reloading the model config file %s failed; the config in force keeps serving", path)
 
 

@@ -55,6 +55,7 @@ class ServingConfig:
 
     models: Mapping[str, ModelEntry]
     root: Path = Path()
+    source: bytes = b""  # the ModelServerConfig message, serialized: what tells a changed config from the same one
 
     def labels(self) -> dict[str, dict[str, int]]:
         return {name: dict(entry.labels) for name, entry in self.models.items() if entry.labels}
@@ -106,12 +107,11 @@ def from_proto(message: model_server_config_pb2.ModelServerConfig, root: Path) -
         models[config.name] = ModelEntry(
             config.name, base_path if base_path.is_absolute() else root / base_path, _policy(config), labels
         )
-    return ServingConfig(models, root)
+    return ServingConfig(models, root, message.SerializeToString(deterministic=True))
 
 
-def parse_config(text: str, root: Path) -> tuple[ServingConfig, bytes]:
-    """A config file's text (TF Serving's text format) as the models to serve, and the message's serialized form
-    (what tells a changed file from one rewritten unchanged)."""
+def parse_config(text: str, root: Path) -> ServingConfig:
+    """A config file's text (TF Serving's text format) as the models to serve."""
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
@@ -119,10 +119,10 @@ def parse_config(text: str, root: Path) -> tuple[ServingConfig, bytes]:
         message = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
     except text_format.ParseError as error:
         raise InvalidInputError(f"the model config is not a text-format ModelServerConfig: {error}") from None
-    return from_proto(message, root), message.SerializeToString(deterministic=True)
+    return from_proto(message, root)
 
 
-def read_config(path: Path) -> tuple[ServingConfig, bytes]:
+def read_config(path: Path) -> ServingConfig:
     """The config file at `path` (raises InvalidInputError for a file that cannot be read or parsed)."""
     try:
         text = path.read_text()

@@ -41,7 +41,7 @@ model_config_list {
 
 
 def test_a_tf_serving_config_file_reads_as_it_is():
-    config, raw = parse_config(CONFIG, Path("/etc/serving"))
+    config = parse_config(CONFIG, Path("/etc/serving"))
     assert list(config.models) == ["mnist", "resnet", "plain"]
     mnist = config.models["mnist"]
     assert mnist.base_path == Path("/models/mnist") and mnist.policy == VersionPolicy("specific", versions={1, 2})
@@ -51,7 +51,7 @@ def test_a_tf_serving_config_file_reads_as_it_is():
     assert config.models["plain"].base_path == Path("/models/plain")
     assert config.models["plain"].policy == VersionPolicy("latest", count=1)  # TF Serving's default
     assert config.labels() == {"mnist": {"stable": 1, "canary": 2}}
-    assert parse_config(CONFIG.replace("'", '"'), Path("/"))[1] == raw  # the same config, written differently
+    assert parse_config(CONFIG.replace("'", '"'), Path("/")).source == config.source  # the same, written differently
 
 
 @pytest.mark.parametrize(
