@@ -35,6 +35,7 @@ from server.grpc.security import BearerTokenInterceptor
 from server.grpc.typed import ModelService
 from server.registry import model_config, repository
 from server.registry.manager import ModelManager, Phase
+from server.runtimes import warmup
 from server.runtimes.base import ModelRuntime
 from server.runtimes.device import select_device
 from server.runtimes.keras import KerasRuntime
@@ -69,14 +70,15 @@ class _Loading:
 
 
 def _open_version(loading: _Loading, found: repository.ModelVersion) -> ModelRuntime:
-    """Open one version (a SavedModel or a model.keras file) and warm up every batch size (blocking; runs on the
-    manager's loading thread, off the event loop)."""
+    """Open one version (a SavedModel or a model.keras file), warm up every batch size, and replay the version's own
+    warm-up records if it ships them (blocking; runs on the manager's loading thread, off the event loop)."""
     loading.holds.wait("load", found.name)
     runtime_class: type[ModelRuntime] = KerasRuntime if found.format == "keras" else SavedModelRuntime
     runtime = runtime_class(found.name, found.version, found.path, loading.device)
     if loading.holds.folder is not None:
         runtime.before_call = functools.partial(loading.holds.wait, "warmup")
     loading.batcher.warm_up(runtime)
+    warmup.replay(runtime)  # the SavedModel's own warm-up records, when it ships them (TF Serving's)
     if loading.holds.folder is not None:
         runtime.before_call = functools.partial(loading.holds.wait, "predict")
     return runtime

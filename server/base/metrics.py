@@ -104,6 +104,12 @@ MODEL_READY = Gauge(
     ["model", "version"],
     multiprocess_mode="livemin",  # ready only when every running worker serves it
 )
+WARMUP_REQUESTS = Counter(
+    "modelserver_warmup_requests",
+    "Model calls replayed from a version's warm-up records (assets.extra/tf_serving_warmup_requests) while it "
+    "loaded; never counted among the requests above.",
+    ["model"],
+)
 VERSION_LABEL = Gauge(
     "modelserver_version_label_info",
     "1 for each version label of a model (a model config's version_labels) and the version it names now.",
