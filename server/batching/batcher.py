@@ -241,7 +241,7 @@ class Batcher:
         if self._loop_cpu.request():
             for each in self._queues.values():
                 each.cost.per_request = self._loop_cpu.per_request
-        queue.metrics.queue_rows.set(queue.rows)
+        queue.metrics.queue_rows.inc(rows)  # the model's gauge: every version and signature queue adds its own
         self._pump(queue)
         try:
             if len(tasks) == 1:
@@ -295,7 +295,7 @@ class Batcher:
             batch.append(task)
             rows += task.rows
         queue.rows -= rows
-        queue.metrics.queue_rows.set(queue.rows)
+        queue.metrics.queue_rows.dec(rows)
         padded_size = self.config(queue.runtime.name).padded_size if queue.joinable else None
         try:
             call = asyncio.get_running_loop().run_in_executor(
