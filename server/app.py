@@ -354,7 +354,7 @@ async def _poll_model_config(manager: ModelManager, path: Path, seconds: float) 
             config = model_config.parse_config(text.decode(errors="replace"), path.parent)
             if manager.config is not None and config.source == manager.config.source:
                 continue
-            await manager.reload(config)
+            await manager.reload(config, from_file=True)
             log.info("model config file %s reloaded", path)
         except ServingError as error:
             refused = text
@@ -428,6 +428,7 @@ async def serve(
     started = time.perf_counter()
     metrics.track_gc_pauses()
     parts = _build_core(settings, siblings)
+    parts.manager.one_of_workers = reuse_port
     listener = await _listen(settings, parts, reuse_port)
     if listener is None:
         await parts.close(wait=False)

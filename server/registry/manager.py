@@ -132,6 +132,8 @@ class ModelManager:
         self._labels: dict[str, dict[str, int]] = {}  # model -> version label -> version; replaced whole, never edited
         self._reload_lock = asyncio.Lock()
         self.allow_unavailable_labels = False  # --allow-version-labels-for-unavailable-models
+        # One of --workers: each worker holds its own models, and a reload by RPC would reach only the one it hit.
+        self.one_of_workers = False
         self._load = load
         self._retire_queue = retire_queue
         self._policy_for = policy_for
@@ -322,7 +324,7 @@ class ModelManager:
                 "config, or start the server with --allow-version-labels-for-unavailable-models"
             )
 
-    async def reload(self, config: ServingConfig) -> None:
+    async def reload(self, config: ServingConfig, from_file: bool = False) -> None:
         """Replace the model config while serving (one reload at a time): checked whole first, so that a config
         refused leaves the old one serving untouched; then labels move at once and one sync loads what the config
         adds (waited for) and retires what it no longer names, after the requests that hold it."""
@@ -330,6 +332,11 @@ class ModelManager:
             raise NotAllowedError(
                 "this server serves the repository --model-repository; start it with --model-config-file to manage "
                 "its models by model config"
+            )
+        if self.one_of_workers and not from_file:
+            raise NotAllowedError(
+                "with --workers each worker process holds its own models, and this call reaches one of them: change "
+                "the --model-config-file instead, which --model-config-file-poll-seconds reloads in every worker"
             )
         async with self._reload_lock:
             self.check_labels(config)
