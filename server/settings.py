@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
+import shutil
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -334,8 +336,12 @@ def _flags() -> list[_Flag]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # At least 100 columns: the help column then holds the longest variable name whole
+    # (MODELSERVER_ALLOW_VERSION_LABELS_FOR_UNAVAILABLE_MODELS), which argparse would otherwise cut in two.
+    width = max(100, shutil.get_terminal_size().columns - 2)
     parser = argparse.ArgumentParser(
         prog="python -m server",
+        formatter_class=functools.partial(argparse.HelpFormatter, width=width),
         description="Serve the models of a model repository over gRPC, with health, reflection and metrics. "
         f"Every flag can also be set by the environment variable named beside it ({ENV_PREFIX}*); "
         "a flag wins over its variable.",
