@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
     get_model_status_pb2,
     model_management_pb2,
     model_service_pb2_grpc,
@@ -126,6 +127,16 @@ def test_a_canary_moves_by_label_under_32_callers(folders, config_file):
         assert _states(server, "canary") == {1: AVAILABLE, 2: AVAILABLE}
         assert _states(server, "canary", version_label="canary") == {2: AVAILABLE}
         assert server.metric("modelserver_version_label_info", model="canary", label="stable", version="1") == 1
+        metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        metadata.model_spec.name, metadata.model_spec.version_label = "canary", "canary"
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(server.channel)
+        assert stub.GetModelMetadata(metadata, timeout=10).model_spec.version.value == 2
+        error = rpc_error(_predict, server, "canary", np.ones((1, 4), np.float32), version_label="beta")
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert error.details() == (
+            "Unrecognized servable version label: beta: model 'canary' has no version label 'beta'; its labels: "
+            "canary -> 2, stable -> 1"
+        )
         stop = threading.Event()
 
         def caller(index: int) -> None:
