@@ -313,3 +313,29 @@ def test_without_a_config_file_reload_is_refused_and_labels_are_unknown(server):
     assert "Unrecognized servable version label: stable: model 'multi_input' has no version label 'stable'" in (
         error.details()
     )
+
+
+def test_a_start_up_label_on_a_version_that_is_not_there_stops_the_start_unless_allowed(folders, config_file):
+    """TF Serving's rule at start-up: a label names an available version, or the flag allows it (then a request by
+    that label waits for its version like one by number)."""
+    text = _config(_entry("alpha", folders["alpha"], stable=1, next=9))
+    with _server_process(config_file, text) as server:
+        assert server.process.wait(120) == 1
+        assert "Request to assign label to version 9 of model alpha, which is not currently available" in (
+            server.log_text()
+        )
+    with _server(config_file, text, "--allow-version-labels-for-unavailable-models", "true") as server:
+        x = np.ones((1, 4), np.float32)
+        np.testing.assert_allclose(
+            tf.make_ndarray(_predict(server, "alpha", x, version_label="stable").outputs["y"]), _expected(x, 1)
+        )
+        error = rpc_error(_predict, server, "alpha", x, version_label="next")
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert "Servable not found for request: Specific(alpha, 9): model 'alpha' has no loaded version 9" in (
+            error.details()
+        )
+
+
+def _server_process(config_file: Path, text: str, *args: str) -> ServerProcess:
+    config_file.write_text(text)
+    return ServerProcess(config_file.parent / "unused_repository", ["--model-config-file", str(config_file), *args])
