@@ -239,7 +239,15 @@ class SignatureRuntime(ModelRuntime):
         self._default = default
         self.platform = default.platform
         super().__init__(default.name, default.version, default.path, default.device, key)
-        self.signatures = default.signatures  # one map per version, shared by its signatures
+        # One map of signatures per version, shared by them all; so is the SavedModel's SignatureDefMap.
+        self.signatures, self.unservable, self.signature_defs = (
+            default.signatures,
+            default.unservable,
+            default.signature_defs,
+        )
+
+    def signature(self, key: str) -> ModelRuntime:
+        return self._default.signature(key)  # "" is the version's default signature, whichever asks
 
     def _open(self) -> tuple[Callable[..., Mapping[str, Any]], Mapping[str, object], Mapping[str, object]]:
         _, input_specs = self._function.structured_input_signature  # type: ignore[attr-defined]
