@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from models.registry import BUILTIN_MODELS
 from modelserver.v1 import modelserver_pb2
 from server.base import metrics
+from server.base.errors import ServingError
 from server.base.hold import HoldPoints
 from server.base.ports import write_port_file
 from server.batching.batcher import Batcher
@@ -38,8 +40,9 @@ from server.http import tfserving as tfserving_http
 from server.http.api import HttpApi
 from server.http.server import HttpServer, listening_socket
 from server.protocols.oip.handlers import server_version
-from server.registry import repository
+from server.registry import model_config, repository
 from server.registry.manager import ModelManager, Phase
+from server.runtimes import warmup
 from server.runtimes.base import ModelRuntime
 from server.runtimes.device import select_device
 from server.runtimes.keras import KerasRuntime
@@ -74,24 +77,26 @@ class _Loading:
 
 
 def _open_version(loading: _Loading, found: repository.ModelVersion) -> ModelRuntime:
-    """Open one version (a SavedModel or a model.keras file) and warm up every batch size (blocking; runs on the
-    manager's loading thread, off the event loop)."""
+    """Open one version (a SavedModel or a model.keras file), warm up every batch size, and replay the version's own
+    warm-up records if it ships them (blocking; runs on the manager's loading thread, off the event loop)."""
     loading.holds.wait("load", found.name)
     runtime_class: type[ModelRuntime] = KerasRuntime if found.format == "keras" else SavedModelRuntime
     runtime = runtime_class(found.name, found.version, found.path, loading.device)
     if loading.holds.folder is not None:
         runtime.before_call = functools.partial(loading.holds.wait, "warmup")
     loading.batcher.warm_up(runtime)
+    warmup.replay(runtime)  # the SavedModel's own warm-up records, when it ships them (TF Serving's)
     if loading.holds.folder is not None:
         runtime.before_call = functools.partial(loading.holds.wait, "predict")
     return runtime
 
 
 def prepare_repository(settings: Settings, holds: HoldPoints) -> str:
-    """Pick the device and export missing built-in models (blocking); returns the device."""
+    """Pick the device and export missing built-in models (blocking); returns the device. With a model config the
+    config names what is served, and nothing is exported."""
     device = select_device(settings.intra_op_threads, settings.inter_op_threads)
     metrics.DEVICE_INFO.labels(device).set(1)
-    for definition in BUILTIN_MODELS.values():
+    for definition in BUILTIN_MODELS.values() if settings.model_config_file is None else ():
         started = time.perf_counter()
         if repository.ensure_exported(
             settings.model_repository,
@@ -115,7 +120,13 @@ async def _load_all(settings: Settings, manager: ModelManager, loading: _Loading
     loading.device = await asyncio.get_running_loop().run_in_executor(
         executor, prepare_repository, settings, loading.holds
     )
+    if settings.model_config_file is not None:
+        manager.use_config(model_config.read_config(settings.model_config_file))
     await manager.sync(initial=True)
+    if manager.config is not None:
+        # TF Serving checks labels before loading, so that a label at start-up needs its flag; here they are checked
+        # once the start-up load is done: a label on a version that did not become available still stops the start.
+        manager.check_labels(manager.config)
     log.info("froze %d startup objects out of the garbage collector's reach", metrics.freeze_startup_heap())
     manager.heap_frozen()
     manager.set_phase(Phase.SERVING)
@@ -260,8 +271,9 @@ def _build_core(settings: Settings, siblings: Siblings) -> _Core:
         functools.partial(_open_version, loading),
         batcher.retire,
         settings.version_policy_for,
-        builtin=BUILTIN_MODELS,
+        builtin=BUILTIN_MODELS if settings.model_config_file is None else (),
     )
+    manager.allow_unavailable_labels = settings.allow_version_labels_for_unavailable_models
     # Ready (SERVING, and calls taken) only once every worker of the server is: a lone server as soon as it is.
     manager.whole_server_serving = siblings.all_serving
     siblings.attach(manager.republish)
@@ -387,6 +399,34 @@ async def _listen(
     return _Listener(server, marker, port, metrics_port, http)
 
 
+async def _poll_model_config(manager: ModelManager, path: Path, seconds: float) -> None:
+    """Read the model config file every `seconds` (TF Serving's --model_config_file_poll_wait_seconds); one that
+    differs from the config in force (HandleReloadConfigRequest's included) replaces it as that RPC does. One that
+    cannot be read or is refused is logged once per content, and the config in force keeps serving."""
+    refused = b""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            text = await asyncio.to_thread(path.read_bytes)
+        except OSError as error:
+            log.warning("cannot read the model config file %s (%s); the config in force keeps serving", path, error)
+            continue
+        if text == refused:
+            continue
+        try:
+            config = model_config.parse_config(text.decode(errors="replace"), path.parent)
+            if manager.config is not None and config.source == manager.config.source:
+                continue
+            await manager.reload(config, from_file=True)
+            log.info("model config file %s reloaded", path)
+        except ServingError as error:
+            refused = text
+            log.error("model config file %s refused; the config in force keeps serving: %s", path, error)
+        except Exception:
+            refused = text
+            log.exception("reloading the model config file %s failed; the config in force keeps serving", path)
+
+
 class _Signals:
     """SIGTERM/SIGINT set `stop`; SIGHUP rescans the repository while serving (each scan task kept until done)."""
 
@@ -454,6 +494,7 @@ async def serve(
     started = time.perf_counter()
     metrics.track_gc_pauses()
     parts = _build_core(settings, siblings)
+    parts.manager.one_of_workers = reuse_port
     listener = await _listen(settings, parts, reuse_port, registry)
     if listener is None:
         await parts.close(wait=False)
@@ -465,19 +506,24 @@ async def serve(
     if loaded is False:
         return await _stop_while_starting(listener, parts)
     exit_code = 0
-    polling = None
+    polling = config_polling = None
     if loaded:
         log.info("SERVING %s after %.2fs", ", ".join(parts.core.model_names()), time.perf_counter() - started)
         if settings.repository_poll_seconds > 0:
             polling = asyncio.create_task(parts.manager.poll(settings.repository_poll_seconds))
+        if settings.model_config_file is not None and settings.model_config_file_poll_seconds > 0:
+            config_polling = asyncio.create_task(
+                _poll_model_config(parts.manager, settings.model_config_file, settings.model_config_file_poll_seconds)
+            )
         if notify is not None:
             notify("serving")
         await signals.stop.wait()
         log.info("signal received: health NOT_SERVING, %d request(s) in flight", parts.core.in_flight)
     else:
         exit_code = 1  # start-up failed: drain what little there is, and exit non-zero
-    if polling is not None:
-        polling.cancel()
+    for task in (polling, config_polling):
+        if task is not None:
+            task.cancel()
     await _drain(settings, listener, parts.core, siblings)
     await parts.close(wait=True)
     listener.marker.close()

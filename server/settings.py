@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
+import shutil
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.base.errors import InvalidInputError
 from server.batching.config import SETTINGS as BATCHING_SETTINGS
 from server.batching.config import BatchingConfig, flag_name, parse_bool
+from server.registry.model_config import read_config
 from server.registry.version_policy import VersionPolicy, parse_model_policies
 
 ENV_PREFIX = "MODELSERVER_"
@@ -186,6 +190,28 @@ class Settings:
         "Per-model version policies: 'MODEL=POLICY;MODEL=POLICY', e.g. 'multi_input=latest:2'.",
         parse_model_policies,
     )
+    model_config_file: Path | None = _setting(
+        None,
+        "TF Serving's model config file (text-format ModelServerConfig, its --model_config_file): the models to serve, "
+        "each from its own base_path with its model_version_policy and version_labels, instead of the folders of "
+        "--model-repository (built-in models are then not exported; a config names what is served). Relative "
+        "base paths are taken from the file's folder. Reloaded by ModelService/HandleReloadConfigRequest and by "
+        "--model-config-file-poll-seconds; --repository-poll-seconds scans the base paths for new versions.",
+        _optional_path,
+    )
+    model_config_file_poll_seconds: float = _setting(
+        0.0,
+        "Seconds between reads of --model-config-file (TF Serving's --model_config_file_poll_wait_seconds); a changed "
+        "file replaces the served set as HandleReloadConfigRequest does, an invalid one is logged and the old config "
+        "keeps serving. 0 = read only at startup.",
+        float,
+    )
+    allow_version_labels_for_unavailable_models: bool = _setting(
+        False,
+        "Let a new version label (or one that keeps its version) name a version that is not available yet, as TF "
+        "Serving's flag of the same name; moving a label still needs its new version available.",
+        _bool,
+    )
     repository_control: bool = _setting(
         False,
         "Accept the Open Inference Protocol's RepositoryModelLoad and RepositoryModelUnload (they need a bearer token "
@@ -260,6 +286,15 @@ class Settings:
             problems += [
                 f"batching{' for ' + model if model else ''}: {p}" for p in self.batching_for(model).problems()
             ]
+        if self.model_config_file_poll_seconds < 0:
+            problems.append(
+                f"model_config_file_poll_seconds must be >= 0 (0 = off), got {self.model_config_file_poll_seconds}"
+            )
+        if self.model_config_file is not None:
+            try:
+                read_config(self.model_config_file)
+            except InvalidInputError as error:
+                problems.append(f"model_config_file: {error}")
         if self.model_repository.exists() and not self.model_repository.is_dir():
             problems.append(f"model_repository {self.model_repository} exists and is not a folder")
         return problems
@@ -352,8 +387,12 @@ def _flags() -> list[_Flag]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # At least 100 columns: the help column then holds the longest variable name whole
+    # (MODELSERVER_ALLOW_VERSION_LABELS_FOR_UNAVAILABLE_MODELS), which argparse would otherwise cut in two.
+    width = max(100, shutil.get_terminal_size().columns - 2)
     parser = argparse.ArgumentParser(
         prog="python -m server",
+        formatter_class=functools.partial(argparse.HelpFormatter, width=width),
         description="Serve the models of a model repository over gRPC, with health, reflection and metrics. "
         f"Every flag can also be set by the environment variable named beside it ({ENV_PREFIX}*); "
         "a flag wins over its variable.",

@@ -32,6 +32,11 @@ class ModelNotFoundError(ServingError):
     """No such model or version in the repository."""
 
 
+class SignatureNotFoundError(ServingError):
+    """The version has no signature of that key (TF Serving's FAILED_PRECONDITION, "Serving signature key ... not
+    found"): the message names the signatures it has."""
+
+
 class OverloadedError(ServingError):
     """The model's queue is full: the request is shed at once instead of waiting without bound."""
 

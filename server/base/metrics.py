@@ -76,6 +76,12 @@ BATCHES = Counter(
     "deadline (a queued deadline allowed no more waiting), unbatched (batching off: one request per call).",
     ["model", "reason"],
 )
+SIGNATURE_ROWS = Counter(
+    "modelserver_signature_rows",
+    "Request rows answered by the model, by signature (TF Serving's signature_name; serving_default for every "
+    "protocol that names none). Each signature is batched on its own; the batch metrics above sum them per model.",
+    ["model", "signature"],
+)
 BATCH_PADDING = Counter(
     "modelserver_batch_padding_rows",
     "Rows added to reach an allowed batch size; computed and then dropped.",
@@ -98,6 +104,18 @@ MODEL_READY = Gauge(
     "1 when the model version is loaded, warmed up and served; 0 otherwise.",
     ["model", "version"],
     multiprocess_mode="livemin",  # ready only when every running worker serves it
+)
+WARMUP_REQUESTS = Counter(
+    "modelserver_warmup_requests",
+    "Model calls replayed from a version's warm-up records (assets.extra/tf_serving_warmup_requests) while it "
+    "loaded; never counted among the requests above.",
+    ["model"],
+)
+VERSION_LABEL = Gauge(
+    "modelserver_version_label_info",
+    "1 for each version label of a model (a model config's version_labels) and the version it names now.",
+    ["model", "label", "version"],
+    multiprocess_mode="max",
 )
 MODEL_LOAD_DURATION = Gauge(
     "modelserver_model_load_duration_seconds",

@@ -1,4 +1,5 @@
-"""Dynamic batching (SPEC §4): concurrent requests for one model version merged into one model call.
+"""Dynamic batching (SPEC §4): concurrent requests for one signature of one model version merged into one model
+call (each signature has a queue of its own: a batch never mixes signatures).
 
 Each request becomes tasks of at most max_batch_size rows (one task when its rows cannot be joined with others':
 batching off, or inputs of variable size), each with its own future, in its version's queue. Whenever a request
@@ -68,8 +69,9 @@ class _Outcome:
 class _ModelMetrics:
     """One model's metric children, looked up once instead of per request."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, signature: str) -> None:
         self.model = model
+        self.signature_rows = metrics.SIGNATURE_ROWS.labels(model, signature)
         self.queue_rows = metrics.QUEUE_ROWS.labels(model)
         self.queue_duration = metrics.QUEUE_DURATION.labels(model)
         self.inference = metrics.INFERENCE_DURATION.labels(model)
@@ -140,34 +142,37 @@ class Batcher:
         # Settings are fixed for the server's life; building them per request cost a dataclass every call.
         self.config = functools.cache(config_for)
         self._clock = clock
-        self._queues: dict[tuple[str, int], _ModelQueue] = {}
+        self._queues: dict[tuple[str, int, str], _ModelQueue] = {}
         self._loop_cpu = _LoopCpu()
 
     def warm_up(self, runtime: ModelRuntime) -> None:
         """Run every allowed batch size once (blocking), so no request pays for a first call of a shape."""
         config = self.config(runtime.name)
-        sizes = config.allowed_batch_sizes if config.enabled and _batchable(runtime) else (1,)
-        for size in sizes:
-            runtime.warm_up(size)
-        log.info("warmed up %s at batch sizes %s", runtime.name, ", ".join(map(str, sizes)))
+        for signature in runtime.signatures.values():  # each signature is a graph of its own
+            sizes = config.allowed_batch_sizes if config.enabled and _batchable(signature) else (1,)
+            for size in sizes:
+                signature.warm_up(size)
+            named = "" if signature is runtime else f" signature {signature.signature_name}"
+            log.info("warmed up %s%s at batch sizes %s", runtime.name, named, ", ".join(map(str, sizes)))
 
     async def retire(self, runtime: ModelRuntime) -> None:
-        """A retired model version (registry/manager.py): once nothing is queued or running on it, its queue stops
-        (no timer left) and is forgotten. Called when no request holds the version any more."""
-        queue = self._queues.get((runtime.name, runtime.version))
-        if queue is None:
-            return
-        while queue.tasks or queue.running:
-            self._pump(queue)
-            await asyncio.sleep(0.01)
-        del self._queues[(runtime.name, runtime.version)]
-        if queue.timer is not None:
-            queue.timer.cancel()
-            queue.timer = None
+        """A retired model version (registry/manager.py): once nothing is queued or running on it, the queue of each
+        of its signatures stops (no timer left) and is forgotten. Called when no request holds the version any more."""
+        for signature in list(runtime.signatures.values()):
+            queue = self._queues.get(signature.key)
+            if queue is None:
+                continue
+            while queue.tasks or queue.running:
+                self._pump(queue)
+                await asyncio.sleep(0.01)
+            del self._queues[signature.key]
+            if queue.timer is not None:
+                queue.timer.cancel()
+                queue.timer = None
 
     def wait_estimate(self, runtime: ModelRuntime) -> float:
         """Seconds until the work queued now for this version has run (0 when nothing is queued)."""
-        queue = self._queues.get((runtime.name, runtime.version))
+        queue = self._queues.get(runtime.key)
         return 0.0 if queue is None else queue.wait_estimate()
 
     def seconds_per_call(self) -> float | None:
@@ -182,7 +187,7 @@ class Batcher:
         return max(costs, default=None)
 
     def cost_model(self, runtime: ModelRuntime) -> CostModel | None:
-        queue = self._queues.get((runtime.name, runtime.version))
+        queue = self._queues.get(runtime.key)
         return None if queue is None else queue.cost
 
     async def run(
@@ -236,7 +241,7 @@ class Batcher:
         if self._loop_cpu.request():
             for each in self._queues.values():
                 each.cost.per_request = self._loop_cpu.per_request
-        queue.metrics.queue_rows.set(queue.rows)
+        queue.metrics.queue_rows.inc(rows)  # the model's gauge: every version and signature queue adds its own
         self._pump(queue)
         try:
             if len(tasks) == 1:
@@ -249,13 +254,15 @@ class Batcher:
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def _queue(self, runtime: ModelRuntime, config: BatchingConfig) -> _ModelQueue:
-        key = (runtime.name, runtime.version)
+        key = runtime.key
         queue = self._queues.get(key)
         if queue is None:
             limits = Limits(config.max_batch_size, config.batch_timeout, config.max_batches_in_flight,
                             fixed=config.policy == "fixed")  # fmt: skip
             joinable = config.enabled and _batchable(runtime)
-            queue = self._queues[key] = _ModelQueue(runtime, _ModelMetrics(runtime.name), joinable, limits)
+            queue = self._queues[key] = _ModelQueue(
+                runtime, _ModelMetrics(runtime.name, runtime.signature_name), joinable, limits
+            )
         return queue
 
     def _pump(self, queue: _ModelQueue) -> None:
@@ -288,7 +295,7 @@ class Batcher:
             batch.append(task)
             rows += task.rows
         queue.rows -= rows
-        queue.metrics.queue_rows.set(queue.rows)
+        queue.metrics.queue_rows.dec(rows)
         padded_size = self.config(queue.runtime.name).padded_size if queue.joinable else None
         try:
             call = asyncio.get_running_loop().run_in_executor(
@@ -382,6 +389,7 @@ def _resolve(queue: _ModelQueue, outcome: _Outcome, reason: str) -> bool:
     model_metrics = queue.metrics
     model_metrics.batch_ran(reason)
     model_metrics.batch_size.observe(outcome.rows)
+    model_metrics.signature_rows.inc(outcome.rows)
     model_metrics.padding.inc(outcome.padded - outcome.rows)
     model_metrics.inference.observe(outcome.seconds)
     if len(outcome.live) == 1 and outcome.padded == outcome.rows:

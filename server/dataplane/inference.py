@@ -14,7 +14,8 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 from prometheus_client import REGISTRY
@@ -24,8 +25,12 @@ from server.base.errors import InvalidInputError, OverloadedError, UnavailableEr
 from server.base.tensors import InputLimits, TensorSpec, check_finite_outputs, rows_from_flat, validate_inputs
 from server.batching.config import BatchingConfig
 from server.batching.policy import CostModel
+from server.registry import model_config
 from server.registry.manager import ACCEPTING, ModelManager, Phase, State, Version
-from server.runtimes.base import ModelRuntime
+from server.runtimes.base import DEFAULT_SIGNATURE, ModelRuntime
+
+if TYPE_CHECKING:
+    from tensorflow_serving.config.model_server_config_pb2 import ModelServerConfig
 
 T = TypeVar("T")
 
@@ -63,6 +68,8 @@ class ModelMetadata:
     batched: bool = True  # False: no batch dimension (shapes are whole, one request is one model call)
     cost: CostModel | None = None  # the batcher's measured call cost, None before the version's first call
     queue_wait: float = 0.0  # seconds until the work queued now has run, from that cost
+    signature: str = DEFAULT_SIGNATURE  # the signature whose specs these are: what protocols without one serve
+    signature_defs: bytes = b""  # the SavedModel's SignatureDefMap, serialized (empty for a .keras file)
 
 
 @dataclass(frozen=True)
@@ -160,16 +167,32 @@ class InferenceService:
             metrics.REJECTED.labels(runtime.name, "invalid").inc()
             raise
 
+    def version_for_label(self, name: str, label: str) -> int:
+        """The version a label names now (NOT_FOUND naming the model's labels when it has no such label)."""
+        return self.manager.version_for_label(name, label)
+
+    async def reload_config(self, message: ModelServerConfig) -> None:
+        """Replace the served models by a model config (TF Serving's ModelServerConfig; relative base paths from the
+        config file's folder): refused whole, with the reason, when anything in it is wrong."""
+        root = self.manager.config.root if self.manager.config is not None else Path()
+        await self.manager.reload(model_config.from_proto(message, root))
+
     def is_ready(self, name: str, version: int = 0) -> bool:
         """Whether the model (and version, 0 = latest) answers requests now: available, and the server ready."""
         return self.manager.is_ready(name, version)
 
     async def infer(
-        self, name: str, version: int, inputs: Mapping[str, np.ndarray], deadline: float | None = None
+        self,
+        name: str,
+        version: int,
+        inputs: Mapping[str, np.ndarray],
+        deadline: float | None = None,
+        signature: str = "",
     ) -> InferenceResult:
         """Validate and run one request; raises a ServingError subclass for anything the caller must fix.
 
-        `deadline` is a time.monotonic() value after which the request is no longer worth running.
+        `deadline` is a time.monotonic() value after which the request is no longer worth running; `signature` is
+        the version's signature to run ("" = the default one: serving_default).
         """
         await self._check_accepting()
 
@@ -177,7 +200,7 @@ class InferenceService:
             # No batch dimension: the request is validated and run as one row, and answered without it.
             return inputs if runtime.batched else runtime.as_one_row(inputs)
 
-        result = await self._counted(name, version, prepare, deadline)
+        result = await self._counted(name, version, prepare, deadline, signature)
         if result.batched:
             return result
         return InferenceResult(result.version, {name: value[0] for name, value in result.outputs.items()}, False)
@@ -202,6 +225,7 @@ class InferenceService:
         version: int,
         prepare: Callable[[ModelRuntime], Mapping[str, np.ndarray]],
         deadline: float | None,
+        signature: str = "",
     ) -> InferenceResult:
         """`_run` on the version the manager resolves, held while it runs (so it is not retired under the request)
         and counted in the model's statistics (success or failure, time, rows)."""
@@ -209,7 +233,7 @@ class InferenceService:
         stats = self._stats.setdefault(name, ModelStatistics())
         started = time.perf_counter_ns()
         try:
-            result = await self._run(entry, prepare, deadline)
+            result = await self._run(entry, prepare, deadline, signature)
         except BaseException:
             stats.fail_count += 1
             stats.fail_ns += time.perf_counter_ns() - started
@@ -227,10 +251,13 @@ class InferenceService:
         entry: Version,
         prepare: Callable[[ModelRuntime], Mapping[str, np.ndarray]],
         deadline: float | None,
+        signature: str = "",
     ) -> InferenceResult:
         """Admit, prepare and validate the inputs (counting rejections), then run them, tracked as in flight."""
         runtime = entry.runtime
         assert runtime is not None
+        if signature:
+            runtime = runtime.signature(signature)
         try:
             self._admit(self._in_flight)
         except OverloadedError:
@@ -301,8 +328,9 @@ class InferenceService:
             queue_ns=int(sample("modelserver_queue_duration_seconds", "_sum") * 1e9),
         )
 
-    def metadata(self, name: str, version: int = 0) -> ModelMetadata:
-        runtime = self.resolve(name, version)
+    def metadata(self, name: str, version: int = 0, signature: str = "") -> ModelMetadata:
+        """A version's metadata through one of its signatures ("" = the default one)."""
+        runtime = self.resolve(name, version).signature(signature)
         return ModelMetadata(
             name=name,
             version=runtime.version,
@@ -318,6 +346,8 @@ class InferenceService:
             batched=runtime.batched,
             cost=self._runner.cost_model(runtime),
             queue_wait=self._runner.wait_estimate(runtime),
+            signature=runtime.signature_name,
+            signature_defs=runtime.signature_defs,
         )
 
     # -- shutdown ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from server.base.errors import (
     NotAllowedError,
     NotOfferedError,
     OverloadedError,
+    SignatureNotFoundError,
     UnavailableError,
 )
 
@@ -26,6 +27,7 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
     DeadlineExpiredError: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotAllowedError: grpc.StatusCode.FAILED_PRECONDITION,
     NotOfferedError: grpc.StatusCode.UNIMPLEMENTED,
+    SignatureNotFoundError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

@@ -11,13 +11,16 @@ from typing import Any
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_management_pb2,
     model_service_pb2,
     predict_pb2,
     prediction_service_pb2,
+    status_pb2,
 )
 
 from server.dataplane.inference import InferenceService
 from server.grpc.rpc import Context, Servicer, deadline_of, not_offered, rpc
+from server.protocols.common import NO_MODEL
 from server.protocols.tfserving import codec as tfs
 from server.protocols.tfserving.handlers import Method, TfServingHandlers
 
@@ -41,8 +44,7 @@ class PredictionService(_Servicer):
     @rpc(Method.GetModelMetadata, lambda self, request: self.label(request.model_spec.name))
     async def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: Context) -> Any:
         spec = tfs.model_spec_of(request.model_spec)
-        meta = self.handlers.get_model_metadata(spec, list(request.metadata_field))
-        return tfs.metadata_response(meta.name, meta.version, meta.inputs, meta.outputs, meta.batched)
+        return tfs.metadata_response(self.handlers.get_model_metadata(spec, list(request.metadata_field)))
 
     Classify = not_offered(Method.Classify)
     Regress = not_offered(Method.Regress)
@@ -54,4 +56,9 @@ class ModelService(_Servicer):
     async def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context: Context) -> Any:
         return tfs.status_response(self.handlers.get_model_status(tfs.model_spec_of(request.model_spec)))
 
-    HandleReloadConfigRequest = not_offered(Method.HandleReloadConfigRequest)
+    @rpc(Method.HandleReloadConfigRequest, lambda self, request: NO_MODEL)
+    async def HandleReloadConfigRequest(
+        self, request: model_management_pb2.ReloadConfigRequest, context: Context
+    ) -> Any:
+        await self.handlers.reload_config(request.config)
+        return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto(error_code=0))

@@ -13,6 +13,7 @@ from server.base.errors import (
     NotAllowedError,
     NotOfferedError,
     OverloadedError,
+    SignatureNotFoundError,
     UnavailableError,
 )
 
@@ -26,6 +27,7 @@ _STATUSES: dict[type[Exception], tuple[int, str]] = {
     UnavailableError: (503, "UNAVAILABLE"),
     DeadlineExpiredError: (504, "DEADLINE_EXCEEDED"),
     NotAllowedError: (400, "FAILED_PRECONDITION"),  # google.rpc's HTTP mapping of FAILED_PRECONDITION
+    SignatureNotFoundError: (400, "FAILED_PRECONDITION"),  # as TF Serving's REST API answers it
     NotOfferedError: (501, "UNIMPLEMENTED"),
 }
 # The code label of an HTTP answer that no core error produced (the transport's own refusals).

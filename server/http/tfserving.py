@@ -70,7 +70,7 @@ class TfServingEndpoints:
     async def metadata(self, request: HttpRequest) -> HttpResponse:
         spec = model_spec(request.params)
         meta = self.handlers.get_model_metadata(spec)
-        response = codec.metadata_response(meta.name, meta.version, meta.inputs, meta.outputs, meta.batched)
+        response = codec.metadata_response(meta)
         document = _printed(response)
         # TF Serving writes each metadata entry as its message alone ({"signature_def": {"serving_default": ...}}),
         # without the "@type" that protobuf's JSON gives an Any.

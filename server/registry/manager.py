@@ -15,6 +15,14 @@ retried only when its files change; the previous version keeps serving, and ever
 Half-written versions: a version with our manifest loads only when every file matches it; one without a manifest
 loads only once its files are unchanged over two scans (one poll apart). Copying into a hidden folder and
 renaming it into place is atomic and needs no wait.
+
+A model config (TF Serving's --model_config_file, server/registry/model_config.py) replaces the repository as the
+source: its models, each from its own base_path, with their own version policies and version labels. `reload()`
+replaces the config while serving (HandleReloadConfigRequest, the config file's poll): it is checked whole first
+(labels by TF Serving's rule: a label names a version available now, unless `allow_unavailable_labels` lets a new
+label name any), then the labels move at once (a request resolves its label and takes its version in one step of
+the event loop: none sees neither), and one sync loads what the new config adds and retires what it no longer
+names, each after the requests it holds.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import gc
 import logging
 import time
@@ -31,8 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.base import metrics
-from server.base.errors import ModelNotFoundError, UnavailableError, quoted
+from server.base.errors import ModelNotFoundError, NotAllowedError, UnavailableError, quoted
 from server.registry import repository
+from server.registry.model_config import ServingConfig
 from server.registry.version_policy import VersionPolicy
 from server.runtimes.base import ModelRuntime, load_failure
 
@@ -117,6 +127,13 @@ class ModelManager:
         """`load` opens and warms one version (blocking); `retire_queue(runtime)` ends the batcher's work on a
         retired version (a coroutine)."""
         self._repository = repository_path
+        self._source: Callable[[], repository.Listing] = functools.partial(repository.scan, repository_path)
+        self._config: ServingConfig | None = None  # a model config, when one replaces the repository
+        self._labels: dict[str, dict[str, int]] = {}  # model -> version label -> version; replaced whole, never edited
+        self._reload_lock = asyncio.Lock()
+        self.allow_unavailable_labels = False  # --allow-version-labels-for-unavailable-models
+        # One of --workers: each worker holds its own models, and a reload by RPC would reach only the one it hit.
+        self.one_of_workers = False
         self._load = load
         self._retire_queue = retire_queue
         self._policy_for = policy_for
@@ -259,6 +276,91 @@ class ModelManager:
         assert model is not None
         return model
 
+    # -- the model config and version labels -----------------------------------------------------
+
+    @property
+    def config(self) -> ServingConfig | None:
+        return self._config
+
+    def use_config(self, config: ServingConfig) -> None:
+        """Serve the models of a model config instead of the repository, with its policies and labels (at start-up,
+        before the first sync, and in `reload` once the config is checked). Labels move here, all at once."""
+        self._config = config
+        self._source = functools.partial(repository.scan_models, {n: e.base_path for n, e in config.models.items()})
+        policies = {name: entry.policy for name, entry in config.models.items()}
+        self._policy_for = lambda name: policies.get(name, VersionPolicy("latest"))
+        self._set_labels(config.labels())
+
+    def _set_labels(self, labels: dict[str, dict[str, int]]) -> None:
+        old, self._labels = self._labels, labels  # one assignment: a request sees the old map or the new one
+        for model, by_label in old.items():
+            for label, version in by_label.items():
+                if labels.get(model, {}).get(label) != version:
+                    with contextlib.suppress(KeyError):
+                        metrics.VERSION_LABEL.remove(model, label, str(version))
+        for model, by_label in labels.items():
+            for label, version in by_label.items():
+                metrics.VERSION_LABEL.labels(model, label, str(version)).set(1)
+
+    def check_labels(self, config: ServingConfig) -> None:
+        """TF Serving's rule for a config's labels (server_core.cc, UpdateModelVersionLabelMap): each names a version
+        available now; with `allow_unavailable_labels`, a label that is new or keeps its version may name any.
+        Raises NotAllowedError (FAILED_PRECONDITION, as there) naming every label that breaks it."""
+        problems = []
+        for name, entry in config.models.items():
+            for label, version in sorted(entry.labels.items()):
+                if self.allow_unavailable_labels and self._labels.get(name, {}).get(label) in (None, version):
+                    continue
+                model = self._models.get(name)
+                found = model.versions.get(version) if model is not None else None
+                if found is None or found.state is not State.AVAILABLE:
+                    problems.append(
+                        f"Request to assign label to version {version} of model {name}, which is not currently "
+                        f"available for inference (label '{label}')"
+                    )
+        if problems:
+            raise NotAllowedError(
+                "; ".join(problems) + ". Load the version first (its version policy), then label it in a later "
+                "config, or start the server with --allow-version-labels-for-unavailable-models"
+            )
+
+    async def reload(self, config: ServingConfig, from_file: bool = False) -> None:
+        """Replace the model config while serving (one reload at a time): checked whole first, so that a config
+        refused leaves the old one serving untouched; then labels move at once and one sync loads what the config
+        adds (waited for) and retires what it no longer names, after the requests that hold it."""
+        if self._config is None:
+            raise NotAllowedError(
+                "this server serves the repository --model-repository; start it with --model-config-file to manage "
+                "its models by model config"
+            )
+        if self.one_of_workers and not from_file:
+            raise NotAllowedError(
+                "with --workers each worker process holds its own models, and this call reaches one of them: change "
+                "the --model-config-file instead, which --model-config-file-poll-seconds reloads in every worker"
+            )
+        async with self._reload_lock:
+            self.check_labels(config)
+            self.use_config(config)
+            await self.sync(settled=True)
+            log.info("model config applied: %s", ", ".join(config.models) or "no models")
+
+    def labels(self, name: str) -> dict[str, int]:
+        """The model's version labels (label -> version)."""
+        return dict(self._labels.get(name, {}))
+
+    def version_for_label(self, name: str, label: str) -> int:
+        """The version a label names now; NOT_FOUND naming the model's labels when it has no such label."""
+        labels = self._labels.get(name, {})
+        version = labels.get(label)
+        if version is not None:
+            return version
+        self._model(name)  # an unknown model: the usual error
+        known = ", ".join(f"{k} -> {v}" for k, v in sorted(labels.items()))
+        raise ModelNotFoundError(
+            f"model {quoted(name)} has no version label {quoted(label)}; "
+            + (f"its labels: {known}" if known else "it has no labels (a model config's version_labels names them)")
+        )
+
     # -- requests hold the version they run on ----------------------------------------------------
 
     def acquire(self, name: str, version: int = 0) -> Version:
@@ -275,10 +377,11 @@ class ModelManager:
 
     # -- loading and retiring ---------------------------------------------------------------------
 
-    async def sync(self, initial: bool = False, only: str | None = None) -> None:
+    async def sync(self, initial: bool = False, only: str | None = None, settled: bool = False) -> None:
         """Bring the served versions in line with the repository and the version policies (one sync at a
         time). `initial`: the start-up load, which takes every complete version at once and raises if a
-        built-in model fails. `only`: one model (RepositoryModelLoad)."""
+        built-in model fails. `only`: one model (RepositoryModelLoad). `settled`: take every version on disk as
+        complete, as at start-up (a model config just applied: its operator says the folders are ready)."""
         async with self._sync_lock:
             listing = await self._scan(retries=INITIAL_SCAN_RETRIES if initial else 0)
             if not listing.complete:
@@ -288,7 +391,7 @@ class ModelManager:
                 if name in listing.unreadable:
                     continue  # its folder changed while we read it: no news, never "no versions"
                 try:
-                    await self._sync_model(name, listing, initial)
+                    await self._sync_model(name, listing, initial, settled)
                 except Exception:
                     if initial and name in self._builtin:
                         raise
@@ -301,29 +404,34 @@ class ModelManager:
         """One listing of the repository (off the event loop); at start-up, listed again while any of it changed
         under us, so that a built-in model is not skipped for a moment's noise."""
         loop = asyncio.get_running_loop()
-        listing = await loop.run_in_executor(self._loader, repository.scan, self._repository)
+        listing = await loop.run_in_executor(self._loader, self._source)
         for _ in range(retries):
             if listing.complete and not listing.unreadable:
                 break
             await asyncio.sleep(0.1)
-            listing = await loop.run_in_executor(self._loader, repository.scan, self._repository)
+            listing = await loop.run_in_executor(self._loader, self._source)
         return listing
 
-    async def _sync_model(self, name: str, listing: repository.Listing, initial: bool) -> None:
+    async def _sync_model(self, name: str, listing: repository.Listing, initial: bool, settled: bool = False) -> None:
         on_disk = listing.models.get(name, [])
         model = self._models.get(name)
         if model is None:
             if not on_disk:
                 return
             model = self._models[name] = Model(name, self._policy_for(name), builtin=name in self._builtin)
+        model.policy = self._policy_for(name)  # a reloaded model config may have changed it
         # Gone only when its folder is absent from two complete listings in a row: one listing is not enough
-        # to take a model's last version away.
+        # to take a model's last version away. A model the model config no longer names is gone at once.
         model.absent = 0 if name in listing.folders else model.absent + 1
-        gone = model.absent >= ABSENT_LISTINGS_TO_RETIRE
+        gone = model.absent >= ABSENT_LISTINGS_TO_RETIRE or (
+            self._config is not None and name not in self._config.models
+        )
         model.on_disk = tuple(v.version for v in on_disk)
         # Complete: a manifest (checked when loading), or files unchanged since the previous scan.
         complete = [
-            v for v in on_disk if initial or v.has_manifest or self._seen.get((name, v.version)) == v.fingerprint
+            v
+            for v in on_disk
+            if initial or settled or v.has_manifest or self._seen.get((name, v.version)) == v.fingerprint
         ]
         aspired = set() if model.unloaded else model.policy.aspired([v.version for v in complete])
         model.aspired = tuple(sorted(aspired))
@@ -400,6 +508,14 @@ class ModelManager:
             await self._retire_queue(entry.runtime)  # type: ignore[misc]
         entry.runtime = None
         entry.state = State.END
+        model = self._models.get(entry.name)
+        if (
+            model is not None
+            and self._config is not None
+            and entry.name not in self._config.models
+            and all(v.state is State.END for v in model.versions.values())
+        ):
+            del self._models[entry.name]  # removed from the model config, and its last version has retired
         self._publish()
         log.info("retired %s version %d", entry.name, entry.number)
         if entry.frozen:

@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -250,8 +250,10 @@ class Listing:
     complete: bool = True
 
 
-def _versions(model_dir: Path) -> list[ModelVersion]:
-    """The model's version folders that hold a model, ascending; raises OSError when the folder changed under us."""
+def _versions(model_dir: Path, name: str | None = None) -> list[ModelVersion]:
+    """The model's version folders that hold a model, ascending; raises OSError when the folder changed under us.
+    `name`: the model's name when it is not the folder's (a model config's base_path)."""
+    name = model_dir.name if name is None else name
     versions = []
     for version_dir in model_dir.iterdir():
         if not (
@@ -262,7 +264,7 @@ def _versions(model_dir: Path) -> list[ModelVersion]:
         ):
             continue
         if (version_dir / SAVED_MODEL_FILE).is_file() or (version_dir / KERAS_FILE).is_file():
-            versions.append(ModelVersion(model_dir.name, int(version_dir.name), version_dir, fingerprint(version_dir)))
+            versions.append(ModelVersion(name, int(version_dir.name), version_dir, fingerprint(version_dir)))
     return sorted(versions, key=lambda v: v.version)
 
 
@@ -288,6 +290,29 @@ def scan(repository: Path) -> Listing:
         if versions:
             found[model_dir.name] = versions
     return Listing(found, frozenset(p.name for p in model_dirs), frozenset(unreadable))
+
+
+def scan_models(base_paths: Mapping[str, Path]) -> Listing:
+    """The versions of the models a model config names, each from its own base_path (TF Serving's
+    --model_config_file), as `scan` lists a repository: a folder that cannot be listed, or changed while it was read,
+    is no news about that model; one that does not exist (yet) is a model without versions."""
+    found: dict[str, list[ModelVersion]] = {}
+    present = set()
+    unreadable = set()
+    for name, base_path in base_paths.items():
+        try:
+            versions = _versions(base_path, name)
+        except FileNotFoundError:
+            log.info("model %s: no versions yet: its base_path %s does not exist", name, base_path)
+            continue
+        except OSError as error:
+            log.info("scan of model %s at %s is incomplete (%s); keeping what it serves", name, base_path, error)
+            unreadable.add(name)
+            continue
+        present.add(name)
+        if versions:
+            found[name] = versions
+    return Listing(found, frozenset(present | unreadable), frozenset(unreadable))
 
 
 def discover(repository: Path) -> dict[str, list[ModelVersion]]:

@@ -1,6 +1,12 @@
 """What every runtime shares: a loaded model version called through one signature, its specs, whether it has a
 batch dimension, and a blocking predict call on the chosen device. How a version is opened is each runtime's
-own (server/runtimes/savedmodel.py, server/runtimes/keras.py)."""
+own (server/runtimes/savedmodel.py, server/runtimes/keras.py).
+
+A version with several signatures (a SavedModel exported with `predict_images` and `classify_images`, say) is one
+runtime per signature: the version's runtime is its default signature, and `signatures` holds it and one sibling
+(`SignatureRuntime`) per other signature, sharing the loaded model. Each has its own specs, batch dimension, probe
+and warm-up, so the core validates, batches and counts each signature on its own; a request for the default
+signature never looks at the others."""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from server.base.errors import InvalidInputError
+from server.base.errors import MAX_ECHOED_CHARS, InvalidInputError, SignatureNotFoundError, quoted
 from server.base.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -20,6 +26,7 @@ log = logging.getLogger(__name__)
 # that keeps one row whatever the input, a reduction over the rows, looks batched at 1 row).
 PROBE_ROWS = 2
 STRING = np.dtype(object)
+DEFAULT_SIGNATURE = "serving_default"  # what a request that names no signature gets, as in TF Serving
 
 
 def _dims(tf_spec: object) -> tuple[int | None, ...] | None:
@@ -51,6 +58,11 @@ def _static_batch_dimension(inputs: Mapping[str, object], outputs: Mapping[str, 
     return ""
 
 
+def shown(name: str) -> str:
+    """A caller-supplied name as TF Serving's messages show it (unquoted), cut like every echoed string."""
+    return name if len(name) <= MAX_ECHOED_CHARS else f"{name[:MAX_ECHOED_CHARS]}..."
+
+
 def load_failure(name: str, version: int, path: Path, error: BaseException) -> str:
     """The message callers see for a model that failed to load: what failed and why, with the server's paths
     replaced by the version's place in the repository (`<repository>/<name>/<version>`); the log keeps them."""
@@ -77,11 +89,21 @@ class ModelRuntime:
 
     platform = ""  # what metadata calls the format: each runtime's own
 
-    def __init__(self, name: str, version: int, path: Path, device: str) -> None:
+    def __init__(
+        self, name: str, version: int, path: Path, device: str, signature_name: str = DEFAULT_SIGNATURE
+    ) -> None:
         self.name = name
         self.version = version
         self.path = path
         self.device = device
+        self.signature_name = signature_name
+        self.key = (name, version, signature_name)  # the batcher's queue: one per signature of a version
+        # Every signature of the version by key (this one included), and those that cannot be served, with why.
+        self.signatures: dict[str, ModelRuntime] = {signature_name: self}
+        self.unservable: dict[str, str] = {}
+        # The SavedModel's own SignatureDefMap (serialized), which TF Serving's GetModelMetadata answers as it is;
+        # empty when the format has none (a .keras file): then metadata is built from the specs.
+        self.signature_defs = b""
         # Called with the model's name before every model call once set (after warm-up): the tests' hold point.
         self.before_call: Callable[[str], None] | None = None
         self._cold = False  # warm-up was skipped (and logged)
@@ -94,6 +116,30 @@ class ModelRuntime:
             self._probe_rows(input_specs, output_specs)
         if not self.batched:
             log.info("%s v%d has no batch dimension (%s): served unbatched", name, version, self.unbatched_reason)
+        for key, function in sorted(self._other_signatures().items()):
+            try:
+                self.signatures[key] = SignatureRuntime(self, key, function)
+            except Exception as error:  # one odd signature does not cost the version its others
+                self.unservable[key] = str(error)
+                log.warning("%s v%d: signature '%s' is not served: %s", name, version, key, error)
+
+    def _other_signatures(self) -> Mapping[str, Callable[..., Mapping[str, Any]]]:
+        """The version's signatures other than the default one, by key (none unless the format has several)."""
+        return {}
+
+    def signature(self, key: str) -> ModelRuntime:
+        """The runtime of one signature ("" = the default); raises SignatureNotFoundError naming those that exist."""
+        if not key or key == self.signature_name:
+            return self
+        found = self.signatures.get(key)
+        if found is not None:
+            return found
+        why = self.unservable.get(key)
+        names = ", ".join(f"'{k}'" for k in sorted(self.signatures))
+        detail = f"it is not served: {why}" if why else f"model '{self.name}' has no signature {quoted(key)}"
+        raise SignatureNotFoundError(
+            f'Serving signature key "{shown(key)}" not found: {detail}; its signatures: {names}'
+        )
 
     def _open(self) -> tuple[Callable[..., Mapping[str, Any]], Mapping[str, object], Mapping[str, object]]:
         """Load the version from `self.path` onto `self.device` (blocking): the signature to call with named
@@ -183,3 +229,30 @@ class ModelRuntime:
             )
             return
         self.predict(self._zeros(rows if self.batched else 1))
+
+
+class SignatureRuntime(ModelRuntime):
+    """A signature other than the default one of a loaded version: the same model, called through another function."""
+
+    def __init__(self, default: ModelRuntime, key: str, function: Callable[..., Mapping[str, Any]]) -> None:
+        self._function = function
+        self._default = default
+        self.platform = default.platform
+        super().__init__(default.name, default.version, default.path, default.device, key)
+        # One map of signatures per version, shared by them all; so is the SavedModel's SignatureDefMap.
+        self.signatures, self.unservable, self.signature_defs = (
+            default.signatures,
+            default.unservable,
+            default.signature_defs,
+        )
+
+    def signature(self, key: str) -> ModelRuntime:
+        return self._default.signature(key)  # "" is the version's default signature, whichever asks
+
+    def _open(self) -> tuple[Callable[..., Mapping[str, Any]], Mapping[str, object], Mapping[str, object]]:
+        _, input_specs = self._function.structured_input_signature  # type: ignore[attr-defined]
+        return self._function, input_specs, self._function.structured_outputs  # type: ignore[attr-defined]
+
+    def _call(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.before_call = self._default.before_call  # the tests' hold point is the version's, whatever the signature
+        return super()._call(inputs)

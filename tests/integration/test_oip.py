@@ -62,6 +62,7 @@ def test_model_metadata_and_config_describe_the_signature(triton_client):
     # What the batcher decides from: its policy and the measured call cost (a + b x rows, a > 0) and queue wait.
     parameters = {key: p.string_value for key, p in config.parameters.items()}
     assert parameters["batch_policy"] == "cost"
+    assert parameters["signature_name"] == "serving_default"  # the signature OIP serves
     assert float(parameters["batch_cost_fixed_ms"]) > 0 and float(parameters["batch_cost_per_row_ms"]) >= 0
     assert float(parameters["queue_wait_ms"]) >= 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 
@@ -219,17 +220,17 @@ def test_model_status_and_metadata(v1, path):
     assert signature["method_name"] == "tensorflow/serving/predict"
 
     def described(tensors: dict) -> dict:
-        return {
-            name: (t["dtype"], [d["size"] for d in t["tensor_shape"]["dim"]], t["name"]) for name, t in tensors.items()
-        }
+        # The names are the SavedModel graph's own tensors ("serving_default_input_a:0"), as TF Serving shows them.
+        assert all(re.fullmatch(r"[\w/]+:\d+", t["name"]) for t in tensors.values()), tensors
+        return {name: (t["dtype"], [d["size"] for d in t["tensor_shape"]["dim"]]) for name, t in tensors.items()}
 
     assert described(signature["inputs"]) == {
-        "input_a": ("DT_FLOAT", ["-1", "10"], "input_a"),
-        "input_b": ("DT_FLOAT", ["-1", "20"], "input_b"),
+        "input_a": ("DT_FLOAT", ["-1", "10"]),
+        "input_b": ("DT_FLOAT", ["-1", "20"]),
     }
     assert described(signature["outputs"]) == {
-        "output_a": ("DT_FLOAT", ["-1", "1"], "output_a"),
-        "output_b": ("DT_FLOAT", ["-1", "1"], "output_b"),
+        "output_a": ("DT_FLOAT", ["-1", "1"]),
+        "output_b": ("DT_FLOAT", ["-1", "1"]),
     }
 
 

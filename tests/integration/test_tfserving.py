@@ -114,8 +114,9 @@ def test_get_model_status_reports_the_served_version(server):
             "multi_input",
             {"signature_name": "other"},
             {},
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "Serving signature key \"other\" not found: model 'multi_input' has no signature 'other'",
+            grpc.StatusCode.FAILED_PRECONDITION,  # as TF Serving's predict_util.cc
+            "Serving signature key \"other\" not found: model 'multi_input' has no signature 'other'; its "
+            "signatures: 'serving_default'",
         ),
         (
             "multi_input",

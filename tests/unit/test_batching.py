@@ -45,6 +45,9 @@ class GatedRuntime:
         self.runtime = runtime
         self.name, self.version, self.inputs, self.outputs = MODEL, 1, runtime.inputs, runtime.outputs
         self.batched = runtime.batched
+        self.signature_name = runtime.signature_name
+        self.key = (MODEL, 1, runtime.signature_name)
+        self.signatures = {runtime.signature_name: self}
         self.calls: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
@@ -413,6 +416,7 @@ class WarmUpRecorder:
 
     def __init__(self, runtime: ModelRuntime) -> None:
         self.name, self.inputs, self.batched = MODEL, runtime.inputs, runtime.batched
+        self.signatures = {runtime.signature_name: self}
         self.warmed: list[int] = []
 
     def warm_up(self, rows: int) -> None:

@@ -21,6 +21,7 @@ from server.base.errors import (
     ModelNotFoundError,
     NotAllowedError,
     NotOfferedError,
+    SignatureNotFoundError,
     UnavailableError,
 )
 from server.base.tensors import InputLimits, TensorSpec
@@ -43,6 +44,7 @@ from server.protocols.typed import codec as typed_codec
 from server.protocols.typed.handlers import Method as TypedMethod
 from server.protocols.typed.handlers import TypedHandlers
 from server.registry.manager import Phase
+from server.runtimes.base import ModelRuntime
 from server.runtimes.savedmodel import SIGNATURE
 
 F32 = np.dtype(np.float32)
@@ -55,6 +57,15 @@ class FakeRuntime:
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
     batched: bool = True
+    signature_name: str = SIGNATURE
+    signatures: dict[str, FakeRuntime] = field(default_factory=dict)  # the other signatures of its version
+    unservable: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.signatures = {self.signature_name: self, **self.signatures}
+
+    def signature(self, key: str) -> Any:
+        return ModelRuntime.signature(self, key)  # type: ignore[arg-type]  # the real lookup, on the fake
 
 
 @dataclass
@@ -86,6 +97,8 @@ class FakeCore:
         self.limits: list[InputLimits] = []
         self.states: dict[str, list[tuple[int, str, str]]] = {}
         self.not_ready: set[tuple[str, int]] = set()
+        self.signatures_called: list[str] = []
+        self.labels: dict[str, dict[str, int]] = {}  # model -> version label -> version
 
     def _versions(self, name: str) -> list[int]:
         return sorted(v for n, v in self._runtimes if n == name)
@@ -105,6 +118,13 @@ class FakeCore:
             raise ModelNotFoundError(f"model '{name}' has no version {number}")
         return self._runtimes[(name, number)]
 
+    def version_for_label(self, name: str, label: str) -> int:
+        if label in self.labels.get(name, {}):
+            return self.labels[name][label]
+        self.resolve(name)
+        known = ", ".join(f"{k} -> {v}" for k, v in sorted(self.labels.get(name, {}).items()))
+        raise ModelNotFoundError(f"model '{name}' has no version label '{label}'; its labels: {known or 'none'}")
+
     def is_ready(self, name: str, version: int = 0) -> bool:
         try:
             runtime = self.resolve(name, version)
@@ -118,10 +138,16 @@ class FakeCore:
         return decode(limits)
 
     async def infer(
-        self, name: str, version: int, inputs: Mapping[str, np.ndarray], deadline: float | None = None
+        self,
+        name: str,
+        version: int,
+        inputs: Mapping[str, np.ndarray],
+        deadline: float | None = None,
+        signature: str = "",
     ) -> InferenceResult:
         runtime = self.resolve(name, version)
         self.calls.append((name, runtime.version, dict(inputs), deadline))
+        self.signatures_called.append(signature)
         return InferenceResult(runtime.version, self._run(inputs), runtime.batched)
 
     async def infer_flat(
@@ -395,20 +421,69 @@ def test_tfs_predict_answers_the_filtered_outputs_with_the_served_spec(core):
     assert response.model_spec.version == 1 and list(response.outputs) == ["sum", "scores"]
 
 
+def test_tfs_predict_runs_the_signature_it_names_validated_against_its_own_inputs():
+    """Each signature has its own specs: a request decodes within the named signature's limits, the core runs that
+    signature (the default one as "", so its hot path is unchanged), and the reply names it."""
+    images = FakeRuntime("m", 1, {"images": _spec("images", 4)}, {"scores": _spec("scores", 3)}, True, "predict_images")
+    runtime = FakeRuntime("m", 1, {"x": _spec("x", 3)}, {"sum": _spec("sum", 1)}, signatures={"predict_images": images})
+    core = FakeCore([runtime], lambda inputs: {"scores" if "images" in inputs else "sum": np.ones((1, 3), np.float32)})
+    request = PredictRequest(
+        ModelSpec("m", signature_name="predict_images"), lambda limits: {"images": np.ones((1, 4))}
+    )
+    response = _run(TfServingHandlers(core).predict(request))
+    assert response.model_spec == ModelSpec("m", 1, signature_name="predict_images")
+    assert list(response.outputs) == ["scores"] and core.signatures_called == ["predict_images"]
+    assert list(core.limits[-1].specs) == ["images"]  # decoded within the signature's own inputs
+    _run(TfServingHandlers(core).predict(PredictRequest(ModelSpec("m"), lambda limits: {"x": np.ones((1, 3))})))
+    assert core.signatures_called[-1] == ""
+    with pytest.raises(SignatureNotFoundError, match="its signatures: 'predict_images', 'serving_default'$"):
+        _run(TfServingHandlers(core).predict(PredictRequest(ModelSpec("m", signature_name="nope"), request.decode)))
+    assert to_status(SignatureNotFoundError("x"))[0] == grpc.StatusCode.FAILED_PRECONDITION  # as TF Serving's
+
+
 @pytest.mark.parametrize(
     ("spec", "error", "words"),
     [
         (ModelSpec("nope"), ModelNotFoundError, "^Servable not found for request: Latest\\(nope\\): no model named"),
         (ModelSpec("m", 7), ModelNotFoundError, "^Servable not found for request: Specific\\(m, 7\\): "),
-        (ModelSpec("m", version_label="stable"), ModelNotFoundError, "has no version label 'stable'"),
+        (
+            ModelSpec("m", version_label="stable"),
+            ModelNotFoundError,
+            "^Unrecognized servable version label: stable: model 'm' has no version label 'stable'",
+        ),
+        (ModelSpec("nope", version_label="stable"), ModelNotFoundError, "^Servable not found for request: Latest"),
         (ModelSpec("m", -1), InvalidInputError, "version must be >= 1 \\(or absent: latest\\), got -1"),
-        (ModelSpec("m", signature_name="other"), InvalidInputError, 'Serving signature key "other" not found'),
+        (
+            ModelSpec("m", signature_name="other"),
+            SignatureNotFoundError,
+            "^Serving signature key \"other\" not found: model 'm' has no signature 'other'; its signatures: "
+            "'serving_default'$",
+        ),
     ],
 )
 def test_tfs_predict_refuses_in_tf_servings_words(core, spec, error, words):
     with pytest.raises(error, match=words):
         _run(TfServingHandlers(core).predict(_predict_request(spec, np.ones((1, 3), np.float32))))
     assert not core.calls
+
+
+def test_tfs_version_labels_name_a_version_for_predict_metadata_and_status(core):
+    """A label resolves to the version it names now, in each of the three methods; moving it (one assignment of the
+    map) moves the next request."""
+    core.labels = {"m": {"stable": 1, "canary": 2}}
+    core.states = {"m": [(1, "available", ""), (2, "available", "")]}
+    handlers = TfServingHandlers(core)
+    x = np.ones((1, 3), np.float32)
+    assert _run(handlers.predict(_predict_request(ModelSpec("m", version_label="stable"), x))).model_spec.version == 1
+    assert _run(handlers.predict(_predict_request(ModelSpec("m", version_label="canary"), x))).model_spec.version == 2
+    assert handlers.get_model_metadata(ModelSpec("m", version_label="stable")).version == 1
+    assert handlers.get_model_status(ModelSpec("m", version_label="canary")) == [ModelVersionStatus(2, "AVAILABLE")]
+    core.labels = {"m": {"stable": 2}}
+    assert _run(handlers.predict(_predict_request(ModelSpec("m", version_label="stable"), x))).model_spec.version == 2
+    with pytest.raises(
+        ModelNotFoundError, match="^Unrecognized servable version label: canary: .*its labels: stable -> 2$"
+    ):
+        handlers.get_model_status(ModelSpec("m", version_label="canary"))
 
 
 def test_tfs_metadata_takes_only_the_signature_field(core):
@@ -445,10 +520,11 @@ def test_tfs_model_status_agrees_with_readiness(core):
 
 @pytest.mark.parametrize("method", [TfsMethod.Classify, TfsMethod.Regress, TfsMethod.MultiInference])
 def test_tfs_methods_not_offered_say_what_to_use(core, method):
-    with pytest.raises(NotOfferedError, match=f"^{method.name} is not offered by this server .*{SIGNATURE} signature"):
+    with pytest.raises(
+        NotOfferedError,
+        match=f"^{method.name} is not offered by this server .*call Predict with the signature's tensors",
+    ):
         TfServingHandlers(core).not_offered(method)
-    with pytest.raises(NotOfferedError, match="--repository-poll-seconds"):
-        TfServingHandlers(core).not_offered(TfsMethod.HandleReloadConfigRequest)
 
 
 # -- our typed API -----------------------------------------------------------------------------------------------
@@ -517,7 +593,7 @@ class _Context:
     [
         (lambda core: oip_grpc.OipService(core), OipMethod.TraceSetting),
         (lambda core: tfs_grpc.PredictionService(core), TfsMethod.Classify),
-        (lambda core: tfs_grpc.ModelService(core), TfsMethod.HandleReloadConfigRequest),
+        (lambda core: tfs_grpc.PredictionService(core), TfsMethod.Regress),
     ],
 )
 def test_not_offered_is_unimplemented_and_counted_alike_in_every_protocol(core, servicer, method):

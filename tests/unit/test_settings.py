@@ -52,6 +52,10 @@ def test_environment_then_flags_win():
         (["--version-policy", "latest:0"], {}, "--version-policy='latest:0' is not valid"),
         (["--model-version-policy", "multi_input:all"], {}, "--model-version-policy='multi_input:all' is not valid"),
         (["--repository-poll-seconds", "-1"], {}, "repository_poll_seconds must be >= 0 (0 = off)"),
+        (["--model-config-file-poll-seconds", "-1"], {}, "model_config_file_poll_seconds must be >= 0 (0 = off)"),
+        (["--model-config-file", "/no/models.config"], {}, "model_config_file: cannot read the model config file"),
+        (["--model-config-file", "/etc/hostname"], {}, "model_config_file: the model config is not a text-format"),
+        (["--allow-version-labels-for-unavailable-models", "perhaps"], {}, "is not valid"),
     ],
 )
 def test_bad_values_exit_2_with_a_clear_message(capsys, argv, environ, message):

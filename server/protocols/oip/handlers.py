@@ -145,7 +145,8 @@ class OipHandlers(Handlers):
             b.max_batch_size if meta.batched else 0,
             # The longest a request waits for company (an upper bound under the 'cost' policy).
             (b.allowed_batch_sizes, b.batch_timeout) if b.enabled else None,
-            _batching_parameters(meta) if b.enabled else {},
+            # The signature that OIP serves (a SavedModel may have several; TF Serving's Predict names the others).
+            {"signature_name": meta.signature, **(_batching_parameters(meta) if b.enabled else {})},
         )
 
     def model_statistics(self, name: str, version: str) -> list[ModelStatistics]:

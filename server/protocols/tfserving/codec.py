@@ -19,10 +19,11 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
 
-from server.base.errors import MAX_ECHOED_CHARS, InvalidInputError, quoted
+from server.base.errors import InvalidInputError, quoted
 from server.base.tensors import MAX_FILL_ELEMENTS, InputLimits, TensorSpec, declared_elements, shape_text
+from server.dataplane.inference import ModelMetadata
 from server.protocols.tfserving.types import ModelSpec, ModelVersionStatus, PredictRequest, PredictResponse
-from server.runtimes.savedmodel import SIGNATURE
+from server.runtimes.base import shown as shown
 
 METHOD_NAME = "tensorflow/serving/predict"
 
@@ -44,11 +45,6 @@ _DTYPES: dict[int, tuple[np.dtype, str]] = {
     types_pb2.DT_STRING: (np.dtype(object), "string_val"),
 }
 _ENUMS = {dtype: enum for enum, (dtype, _) in _DTYPES.items()}
-
-
-def shown(name: str) -> str:
-    """A caller-supplied name as TF Serving's messages show it (unquoted), cut like every echoed string."""
-    return name if len(name) <= MAX_ECHOED_CHARS else f"{name[:MAX_ECHOED_CHARS]}..."
 
 
 def dtype_enum(dtype: np.dtype) -> int:
@@ -189,18 +185,23 @@ def _tensor_info(spec: TensorSpec, batched: bool) -> meta_graph_pb2.TensorInfo:
     )
 
 
-def metadata_response(
-    name: str, version: int, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], batched: bool = True
-) -> get_model_metadata_pb2.GetModelMetadataResponse:
-    """GetModelMetadata's one field, `signature_def`: the serving signature, rows first as -1 (a model without a
-    batch dimension: its whole shapes, as its SavedModel has them)."""
-    signature = meta_graph_pb2.SignatureDef(
-        inputs={s.name: _tensor_info(s, batched) for s in inputs},
-        outputs={s.name: _tensor_info(s, batched) for s in outputs},
-        method_name=METHOD_NAME,
+def metadata_response(meta: ModelMetadata) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    """GetModelMetadata's one field, `signature_def`. For a SavedModel, its whole SignatureDefMap as saved_model.pb
+    holds it, as TF Serving answers (every signature, `__saved_model_init_op` included, with method names and graph
+    tensor names). For a format without one (a .keras file), the one signature built from the specs, rows first as -1
+    (a model without a batch dimension: its whole shapes)."""
+    if meta.signature_defs:
+        signatures = get_model_metadata_pb2.SignatureDefMap.FromString(meta.signature_defs)
+    else:
+        signature = meta_graph_pb2.SignatureDef(
+            inputs={s.name: _tensor_info(s, meta.batched) for s in meta.inputs},
+            outputs={s.name: _tensor_info(s, meta.batched) for s in meta.outputs},
+            method_name=METHOD_NAME,
+        )
+        signatures = get_model_metadata_pb2.SignatureDefMap(signature_def={meta.signature: signature})
+    response = get_model_metadata_pb2.GetModelMetadataResponse(
+        model_spec=model_spec(ModelSpec(meta.name, meta.version))
     )
-    response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=model_spec(ModelSpec(name, version)))
-    signatures = get_model_metadata_pb2.SignatureDefMap(signature_def={SIGNATURE: signature})
     response.metadata["signature_def"].Pack(signatures)
     return response
 

@@ -1,24 +1,28 @@
 """TensorFlow Serving's handlers (PredictionService Predict and GetModelMetadata, ModelService GetModelStatus),
 knowing nothing of their transport: each takes a decoded request (plain data, server/protocols/tfserving/types.py)
 and returns a reply or raises one of the core's errors. Every rule of the protocol is here once: version numbers
-and labels, the one signature, TF Serving's words for an unknown model or version ("Servable not found for
-request", "Could not find any versions of model"), followed by ours, the version states, and the methods we do not
-offer (Classify, Regress, MultiInference, HandleReloadConfigRequest), which say what to use instead. The gRPC
+and labels, the signature a request names, TF Serving's words for an unknown model or version ("Servable not found
+for request", "Could not find any versions of model"), followed by ours, the version states, and the methods we do not
+offer (Classify, Regress, MultiInference), which say what to use instead; and HandleReloadConfigRequest, which
+replaces the model config (server/registry/model_config.py) through the model manager. The gRPC
 servicers (server/grpc/tfserving.py) only decode, call these and encode.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from server.base.errors import InvalidInputError, ModelNotFoundError, NotOfferedError, quoted, quoted_list
-from server.dataplane.inference import ModelMetadata
+from server.dataplane.inference import InferenceService, ModelMetadata
 from server.protocols.common import Handlers, MethodLabel, not_found_in_words
 from server.protocols.tfserving import codec
 from server.protocols.tfserving.types import ModelSpec, ModelVersionStatus, PredictRequest, PredictResponse
 from server.registry.manager import Phase
 from server.runtimes.savedmodel import SIGNATURE
+
+if TYPE_CHECKING:
+    from tensorflow_serving.config.model_server_config_pb2 import ModelServerConfig
 
 
 class Method(MethodLabel):
@@ -44,16 +48,14 @@ STATES = {
 UNKNOWN_ERROR = 2  # tensorflow.error.Code UNKNOWN: a load failure's code is not known more precisely
 # GetModelMetadata's one field.
 METADATA_FIELD = "signature_def"
-_PREDICT_INSTEAD = f"call Predict with the model's {SIGNATURE} signature (tf.Example inputs are not taken)"
+_PREDICT_INSTEAD = (
+    "call Predict with the signature's tensors (signature_name names any signature; tf.Example inputs are not taken)"
+)
 # The methods we do not offer, and what to do instead.
 NOT_OFFERED: dict[Method, str] = {
     Method.Classify: _PREDICT_INSTEAD,
     Method.Regress: _PREDICT_INSTEAD,
     Method.MultiInference: _PREDICT_INSTEAD,
-    Method.HandleReloadConfigRequest: (
-        "the server serves the versions it finds in its repository (scanned every --repository-poll-seconds, and on "
-        "SIGHUP), as each model's version policy says (--version-policy, --model-version-policy)"
-    ),
 }
 
 
@@ -63,13 +65,17 @@ def _servable(name: str, version: int) -> str:
     return f"Servable not found for request: {request}"
 
 
-def version_of(spec: ModelSpec) -> int:
-    """The requested version (0 = latest). We keep no version labels, so a label is refused by name."""
+def version_of(spec: ModelSpec, core: InferenceService) -> int:
+    """The requested version (0 = latest): its number, or the version its label names now (a model config's
+    version_labels). An unknown label is NOT_FOUND in TF Serving's words ("Unrecognized servable version label"),
+    then ours, naming the labels the model has."""
     if spec.version_label is not None:
-        raise ModelNotFoundError(
-            f"model {quoted(spec.name)} has no version label {quoted(spec.version_label)}: this server keeps no "
-            "labels; ask for a version number or leave it out for the latest"
-        )
+        if not core.is_known(spec.name):
+            phrase = _servable(spec.name, 0)
+        else:
+            phrase = f"Unrecognized servable version label: {codec.shown(spec.version_label)}"
+        with not_found_in_words(phrase):
+            return core.version_for_label(spec.name, spec.version_label)
     if spec.version < 0:
         raise InvalidInputError(
             f"model {quoted(spec.name)} version must be >= 1 (or absent: latest), got {spec.version}"
@@ -77,38 +83,33 @@ def version_of(spec: ModelSpec) -> int:
     return spec.version
 
 
-def check_signature(spec: ModelSpec) -> None:
-    if spec.signature_name not in ("", SIGNATURE):
-        raise InvalidInputError(
-            f'Serving signature key "{codec.shown(spec.signature_name)}" not found: '
-            f"model '{spec.name}' has no signature {quoted(spec.signature_name)}; its signature is '{SIGNATURE}'"
-        )
-
-
 class TfServingHandlers(Handlers):
     async def predict(self, request: PredictRequest, deadline: float | None = None) -> PredictResponse:
-        """Run one request on the model's serving signature; `deadline` is a time.monotonic() value (None: none)."""
+        """Run one request on the signature it names (`signature_name`, "" = serving_default), validated against
+        that signature's own inputs; an unknown signature is FAILED_PRECONDITION naming those that exist, as TF
+        Serving's "Serving signature key ... not found". `deadline` is a time.monotonic() value (None: none)."""
         spec = request.model_spec
-        version = version_of(spec)
+        version = version_of(spec, self.core)
         with not_found_in_words(_servable(spec.name, version)):
             runtime = self.core.resolve(spec.name, version)
-        check_signature(spec)
+        runtime = runtime.signature(spec.signature_name)
         names = codec.output_names(spec.name, runtime.outputs, request.output_filter)
         inputs = self.core.decode(runtime, request.decode)
-        result = await self.core.infer(spec.name, runtime.version, inputs, deadline)
+        signature = "" if runtime.signature_name == SIGNATURE else runtime.signature_name
+        result = await self.core.infer(spec.name, runtime.version, inputs, deadline, signature)
         return PredictResponse(
-            ModelSpec(spec.name, result.version, signature_name=SIGNATURE),
+            ModelSpec(spec.name, result.version, signature_name=runtime.signature_name),
             {name: result.outputs[name] for name in names},
         )
 
     def get_model_metadata(self, spec: ModelSpec, metadata_fields: Sequence[str] = ()) -> ModelMetadata:
-        """The version's serving signature (the one metadata field), for codec.metadata_response."""
+        """The version's signatures (the one metadata field, `signature_def`), for codec.metadata_response."""
         unsupported = [f for f in metadata_fields if f != METADATA_FIELD]
         if unsupported:
             raise InvalidInputError(
                 f"metadata_field {quoted_list(unsupported)} is not supported; the one field is '{METADATA_FIELD}'"
             )
-        version = version_of(spec)
+        version = version_of(spec, self.core)
         with not_found_in_words(_servable(spec.name, version)):
             return self.core.metadata(spec.name, version)
 
@@ -116,7 +117,7 @@ class TfServingHandlers(Handlers):
         """Every version's state (or the one asked for), as TF Serving reports them: START, LOADING, AVAILABLE,
         UNLOADING, or END with the load error. An available version is LOADING while the server starts and
         UNLOADING once it stops (it is not ready then), so this agrees with health and ModelReady."""
-        version = version_of(spec)
+        version = version_of(spec, self.core)
         if version:
             phrase = f"Could not find version {version} of model {codec.shown(spec.name)}"
         else:
@@ -135,9 +136,14 @@ class TfServingHandlers(Handlers):
             statuses.append(ModelVersionStatus(number, STATES[state], UNKNOWN_ERROR if error else 0, error))
         return statuses
 
+    async def reload_config(self, message: ModelServerConfig) -> None:
+        """HandleReloadConfigRequest: the models, policies and labels of `message` replace the served ones (only on
+        a server started with --model-config-file); a config refused is refused whole, the old one serving on."""
+        await self.core.reload_config(message)
+
     def not_offered(self, method: Method) -> NoReturn:
         """A method we do not offer, saying what to use instead (rather than a transport's bare "not found")."""
         raise NotOfferedError(
-            f"{method.name} is not offered by this server (it serves TF Serving's Predict, GetModelMetadata and "
-            f"GetModelStatus): {NOT_OFFERED[method]}"
+            f"{method.name} is not offered by this server (it serves TF Serving's Predict, GetModelMetadata, "
+            f"GetModelStatus and HandleReloadConfigRequest): {NOT_OFFERED[method]}"
         )
