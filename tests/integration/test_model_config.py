@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import requests
 import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow_serving.apis import (
@@ -131,6 +132,18 @@ def test_a_canary_moves_by_label_under_32_callers(folders, config_file):
         metadata.model_spec.name, metadata.model_spec.version_label = "canary", "canary"
         stub = prediction_service_pb2_grpc.PredictionServiceStub(server.channel)
         assert stub.GetModelMetadata(metadata, timeout=10).model_spec.version.value == 2
+        # The same labels over TF Serving's REST API: /v1/models/{m}/labels/{l}[/metadata | :predict].
+        rest = f"{server.http_url}/v1/models/canary/labels"
+        status = requests.get(f"{rest}/canary", timeout=10).json()["model_version_status"]
+        assert [(s["version"], s["state"]) for s in status] == [("2", "AVAILABLE")]
+        assert requests.get(f"{rest}/stable/metadata", timeout=10).json()["model_spec"]["version"] == "1"
+        x = np.full((1, 4), 3, np.float32)
+        for label, version in (("stable", 1), ("canary", 2)):
+            reply = requests.post(f"{rest}/{label}:predict", json={"instances": x.tolist()}, timeout=30)
+            assert reply.status_code == 200, reply.text
+            np.testing.assert_allclose(np.asarray(reply.json()["predictions"]), _expected(x, version), rtol=1e-6)
+        unknown = requests.post(f"{rest}/beta:predict", json={"instances": x.tolist()}, timeout=30)
+        assert unknown.status_code == 404 and "its labels: canary -> 2, stable -> 1" in unknown.json()["error"]
         error = rpc_error(_predict, server, "canary", np.ones((1, 4), np.float32), version_label="beta")
         assert error.code() == grpc.StatusCode.NOT_FOUND
         assert error.details() == (

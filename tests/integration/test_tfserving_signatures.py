@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+import requests
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
@@ -177,3 +178,19 @@ def test_concurrent_calls_of_two_signatures_are_batched_apart_and_counted_apart(
         rows = mnist_server.metric("modelserver_signature_rows_total", model=MODEL, signature=signature)
         assert rows - before[signature] == 32  # 16 calls of 2 rows each
     assert mnist_server.metric("modelserver_batch_size_rows_count", model=MODEL) > batches_before
+
+
+def test_rest_predict_honours_signature_name_and_metadata_lists_every_signature(mnist_server, loaded):
+    """TF Serving's REST API: "signature_name" in the :predict body, and GET .../metadata with the whole map."""
+    image = _images(2, 4)
+    url = f"{mnist_server.http_url}/v1/models/{MODEL}"
+    reply = requests.post(f"{url}:predict", json={"signature_name": "predict_images", "instances": image.tolist()},
+                          timeout=30)  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    expected = loaded.signatures["predict_images"](images=tf.constant(image))["scores"].numpy()
+    np.testing.assert_allclose(np.asarray(reply.json()["predictions"]), expected, atol=1e-6)
+    unknown = requests.post(f"{url}:predict", json={"signature_name": "nope", "instances": image.tolist()}, timeout=30)
+    assert unknown.status_code == 400
+    assert 'Serving signature key "nope" not found' in unknown.json()["error"]
+    signatures = requests.get(f"{url}/metadata", timeout=10).json()["metadata"]["signature_def"]["signature_def"]
+    assert set(signatures) >= {"predict_images", "classify_images", "serving_default"}
