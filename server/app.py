@@ -195,12 +195,13 @@ async def _drain(settings: Settings, listener: _Listener, core: InferenceService
     # message reads of calls that reached a handler with the first.
     await asyncio.sleep(min(remaining(), IN_TRANSIT))
     handed_over = await marker.pass_through(remaining()) and await marker.pass_through(remaining())
+    handed_over = await listener.stop_http_admitting(remaining()) and handed_over
     core.begin_drain()
     log.info(
         "shutting down: refusing new requests, finishing %d accepted request(s) within %.1fs%s",
         core.in_flight,
         remaining(),
-        "" if handed_over else " (gRPC's backlog did not clear in time)",
+        "" if handed_over else " (gRPC's backlog or HTTP bodies did not clear in time)",
     )
     if not await core.wait_idle(remaining()):
         log.warning("grace period over with %d request(s) still running", core.in_flight)
@@ -254,6 +255,11 @@ class _Listener:
     port: int
     metrics_port: int | None
     http: HttpServer | None = None
+
+    async def stop_http_admitting(self, timeout: float) -> bool:
+        """HTTP requests admitted before the drain whose body is still arriving reach the core before it refuses
+        new work (the HTTP twin of the drain marker); new ones get 503 from now on."""
+        return True if self.http is None else await self.http.app.stop_admitting(timeout)
 
     async def close_http(self, timeout: float) -> None:
         if self.http is not None:
@@ -310,7 +316,9 @@ def _http_api(settings: Settings, parts: _Core, tokens: tuple[bytes, ...], regis
         *tfserving_http.routes(parts.core),
         *http_documents.routes(registry if settings.metrics_on_rest_port else None, server_version()),
     ]
-    api = HttpApi(parts.core, routes, tokens, settings.max_receive_message_bytes, parts.admission)
+    api = HttpApi(
+        parts.core, routes, tokens, settings.max_receive_message_bytes, parts.admission, settings.http_header_timeout
+    )
     parts.admission.elsewhere = lambda: api.in_progress
     return api
 

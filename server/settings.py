@@ -247,6 +247,10 @@ class Settings:
                 f"metrics_host {self.metrics_host} differs from host {self.host}, and /metrics would share the REST "
                 "API's port: give /metrics a --metrics-port of its own, or the REST API an --http-port of its own"
             )
+        if self.rest_port and self.rest_port == self.grpc_port:
+            problems.append(f"http_port {self.rest_port} is the gRPC port: give REST (--http-port) a port of its own")
+        if self.metrics and not self.metrics_on_rest_port and self.metrics_port and self.metrics_port == self.grpc_port:
+            problems.append(f"metrics_port {self.metrics_port} is the gRPC port: give /metrics a port of its own")
         for name in ("http_idle_timeout", "http_header_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0 seconds, got {getattr(self, name)}")

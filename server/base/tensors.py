@@ -40,6 +40,8 @@ class TensorSpec:
 # Dimensions a request's tensor may declare. numpy 1.x arrays have at most 32 (NPY_MAXDIMS; numpy 2 allows 64,
 # TensorFlow 254), so every accepted shape is an array under either numpy; models use 2 to 6 (an image batch is 4).
 MAX_RANK = 32
+# The largest dimension a shape may declare (numpy's own limit is lower than a product that a 0 makes harmless).
+MAX_DIMENSION = 2**31 - 1
 # Elements at most that TF Serving's "one value fills the tensor" rule may fill where the model's per-row size is
 # not fixed (or not known): what a 16 MiB message (the default --max-receive-message-bytes) could carry at one byte
 # per value. Where the per-row size is fixed, the model's own bound (rows x per-row size) is far tighter.
@@ -88,6 +90,10 @@ def declared_elements(model: str, name: str, shape: Sequence[int], limits: Input
     if any(d < 0 for d in shape):
         raise InvalidInputError(
             f"{where} has shape {shape_text(shape)}: expected non-negative dimensions (the rows first)"
+        )
+    if any(d > MAX_DIMENSION for d in shape):  # with a 0 beside it the product is 0, but numpy cannot shape it
+        raise InvalidInputError(
+            f"{where} has shape {shape_text(shape)}: a dimension is at most {MAX_DIMENSION}; send the model's shape"
         )
     count = math.prod(shape)
     if limits is None or spec is None:

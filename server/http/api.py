@@ -11,6 +11,7 @@ protocol's transport-free handlers (server/protocols/) and encode the reply: no 
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hmac
 import math
@@ -23,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from server.base.errors import InvalidInputError, OverloadedError, ServingError, UnavailableError
+from server.base.errors import InvalidInputError, OverloadedError, ServingError, UnavailableError, quoted
 from server.base.metrics import REQUEST_DURATION, REQUESTS
 from server.dataplane.admission import AdmissionControl
 from server.dataplane.inference import InferenceService
@@ -72,6 +73,7 @@ class HttpResponse:
     content_type: str = "application/json"
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     code: str = ""  # the metrics' code label; empty: from the status
+    body_read: bool = False  # whether the request's body was read (a refusal before it closes the connection)
 
 
 def json_response(value: Any, status: int = 200) -> HttpResponse:
@@ -122,13 +124,19 @@ class HttpApi:
         tokens: Sequence[bytes] = (),
         max_body_bytes: int = 64 * 1024 * 1024,
         admission: AdmissionControl | None = None,
+        body_timeout: float = 10.0,
     ) -> None:
         self.core = core
         self.routes = list(routes)
         self._expected = [b"Bearer " + token for token in tokens]
         self.max_body_bytes = max_body_bytes
         self._admission = admission
+        self.body_timeout = body_timeout  # seconds a body may go without a byte arriving (then 408)
         self.in_progress = 0  # requests received and not yet answered (admission counts them with gRPC's)
+        self.reading = 0  # admitted requests whose body is still arriving (drain waits for them)
+        self.admitting = True  # False once draining begins (server/app.py): new work gets 503 before its body
+        self._bodies_read = asyncio.Event()
+        self._bodies_read.set()
 
     def add(self, routes: Sequence[Route]) -> None:
         self.routes.extend(routes)
@@ -144,7 +152,9 @@ class HttpApi:
             return
         finally:
             self.in_progress -= 1
-        closing = self.core.phase in SHUTTING_DOWN or response.status == 413
+        # After a refusal sent before the body was read, the rest of that body would be read as the next request.
+        unread = route is not None and not response.body_read
+        closing = self.core.phase in SHUTTING_DOWN or response.status in (408, 413) or unread
         await self._send(scope, send, response, closing)
         if route is not None and route.method is not None:
             code = response.code or CODE_OF_STATUS.get(response.status, "UNKNOWN")
@@ -157,13 +167,15 @@ class HttpApi:
         if route is None:
             if allowed:
                 response = error_response(
-                    405, f"{method} is not allowed on {path}; use {' or '.join(sorted(allowed))}", "UNIMPLEMENTED"
+                    405,
+                    f"{method} is not allowed on {quoted(path)}; use {' or '.join(sorted(allowed))}",
+                    "UNIMPLEMENTED",
                 )
                 response.headers.append((b"allow", ", ".join(sorted(allowed)).encode()))
                 return None, response, NO_MODEL
             return (
                 None,
-                error_response(404, f"no endpoint {method} {path}: the endpoints are listed at /openapi.json"),
+                error_response(404, f"no endpoint {method} {quoted(path)}: the endpoints are listed at /openapi.json"),
                 NO_MODEL,
             )
         model_label = NO_MODEL
@@ -176,29 +188,40 @@ class HttpApi:
             )
             response.headers.append((b"www-authenticate", b"Bearer"))
             return route, response, model_label
+        read = [not route.reads_body]  # set once the body has been read
+
+        def answered(response: HttpResponse) -> tuple[Route, HttpResponse, str]:
+            response.body_read = read[0]
+            return route, response, model_label
+
         try:
             if route.admitted:
                 self._admit()
             body = b""
             if route.reads_body:
-                body = _decompressed(await self._read(receive, headers), headers, self.max_body_bytes)
+                raw = await self._read_admitted(receive, headers)
+                read[0] = True
+                body = _decompressed(raw, headers, self.max_body_bytes)
                 _check_content_type(headers)
             request = HttpRequest(method, path, params, scope.get("query_string", b""), headers, body)
-            return route, await route.endpoint(request), model_label
+            return answered(await route.endpoint(request))
         except BodyTooLarge as error:
-            return route, error_response(413, str(error), "RESOURCE_EXHAUSTED"), model_label
+            return answered(error_response(413, str(error), "RESOURCE_EXHAUSTED"))
+        except TimeoutError:
+            message = f"the request body stopped arriving (no byte for {self.body_timeout:g} s): send it whole"
+            return answered(error_response(408, message, "DEADLINE_EXCEEDED"))
         except ServingError as error:
             status, code, message = to_status(error)
             response = error_response(status, message, code)
             if isinstance(error, OverloadedError) and self._admission is not None:
                 retry = max(1, math.ceil(self._admission.backoff_seconds()))
                 response.headers.append((b"retry-after", str(retry).encode()))
-            return route, response, model_label
+            return answered(response)
         except ClientGone:
             raise
         except Exception as error:  # a genuine fault: 500, logged with its traceback (to_status)
             status, code, message = to_status(error)
-            return route, error_response(status, message, code), model_label
+            return answered(error_response(status, message, code))
 
     def _match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], set[str]]:
         allowed = set()
@@ -222,10 +245,32 @@ class HttpApi:
 
     def _admit(self) -> None:
         """Refuse new work before its body is read: shutting down (503) or overloaded (429)."""
-        if self.core.phase in REFUSING:
+        if self.core.phase in REFUSING or not self.admitting:
             raise UnavailableError("the server is shutting down and accepts no new requests; retry elsewhere")
         if self._admission is not None:
             self._admission.check(self.core.in_flight)
+
+    async def _read_admitted(self, receive: ASGIReceive, headers: Mapping[str, str]) -> bytes:
+        """The body of a request admitted already: counted while it arrives, so that a drain waits for it."""
+        self.reading += 1
+        self._bodies_read.clear()
+        try:
+            return await self._read(receive, headers)
+        finally:
+            self.reading -= 1
+            if self.reading == 0:
+                self._bodies_read.set()
+
+    async def stop_admitting(self, timeout: float) -> bool:
+        """Refuse new requests (503 before their body), and wait up to `timeout` seconds for the bodies of those
+        admitted already to arrive, so that they reach the core before it refuses new work (server/app.py's drain);
+        False when the time ran out first."""
+        self.admitting = False
+        try:
+            await asyncio.wait_for(self._bodies_read.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _read(self, receive: ASGIReceive, headers: Mapping[str, str]) -> bytes:
         declared = headers.get("content-length")
@@ -233,7 +278,8 @@ class HttpApi:
             raise BodyTooLarge(_too_large(int(declared), self.max_body_bytes))
         chunks, size = [], 0
         while True:
-            message = await receive()
+            async with asyncio.timeout(self.body_timeout):
+                message = await receive()
             if message["type"] == "http.disconnect":
                 raise ClientGone
             chunk = message.get("body", b"")
@@ -281,7 +327,7 @@ def _decompressed(body: bytes, headers: Mapping[str, str], limit: int) -> bytes:
         return body
     if encoding not in ("gzip", "deflate"):
         raise InvalidInputError(
-            f"Content-Encoding {encoding!r} is not supported: send the body as it is, or gzip or deflate"
+            f"Content-Encoding {quoted(encoding)} is not supported: send the body as it is, or gzip or deflate"
         )
     # gzip: a gzip header; deflate: zlib's header as HTTP defines it, or a bare deflate stream as some clients send.
     for wbits in (31,) if encoding == "gzip" else (15, -15):
@@ -314,8 +360,8 @@ def _check_content_type(headers: Mapping[str, str]) -> None:
     if kind == BINARY_TYPE:  # Triton's binary format; aiohttp (tritonclient.http.aio) also labels JSON bodies so
         return
     raise InvalidInputError(
-        f"Content-Type {kind!r} is not taken here: send JSON (application/json), or Triton's binary tensor format "
-        "(application/octet-stream, with the header Inference-Header-Content-Length)"
+        f"Content-Type {quoted(kind)} is not taken here: send JSON (application/json), or Triton's binary tensor "
+        "format (application/octet-stream, with the header Inference-Header-Content-Length)"
     )
 
 

@@ -58,7 +58,7 @@ def routes(core: InferenceService, repository_control: bool) -> list[Route]:
         Route("GET", r"/v2", endpoints.server_metadata, Method.ServerMetadata, model=None),
         Route("GET", r"/v2/models/stats", endpoints.statistics, Method.ModelStatistics, model=None),
         Route("GET", _MODEL, endpoints.model_metadata, Method.ModelMetadata),
-        Route("GET", _MODEL + "/ready", endpoints.model_ready, Method.ModelReady),
+        Route("GET", _MODEL + "/ready", endpoints.model_ready, Method.ModelReady, open=True),  # a health endpoint
         Route("GET", _MODEL + "/config", endpoints.model_config, Method.ModelConfig),
         Route("GET", _MODEL + "/stats", endpoints.statistics, Method.ModelStatistics),
         Route("POST", _MODEL + "/infer", endpoints.infer, Method.ModelInfer, admitted=True, reads_body=True),
@@ -162,7 +162,7 @@ class OipEndpoints:
         body = _object(request.body, "the RepositoryIndex request") if request.body.strip() else {}
         ready = body.get("ready", False)
         if not isinstance(ready, bool):
-            raise InvalidInputError(f"'ready' must be true or false, got {orjson.dumps(ready).decode()}")
+            raise InvalidInputError(f"'ready' must be true or false, got {_shown(ready)}")
         models = self.handlers.repository_index("", ready)
         return json_response([{k: v for k, v in asdict(m).items() if v or k == "name"} for m in models])
 
@@ -191,6 +191,11 @@ class BinaryOutputs:
 
     def wanted(self, name: str) -> bool:
         return self.by_name.get(name, self.default)
+
+
+def _shown(value: Any) -> str:
+    """A caller's JSON value for an error message, cut short (it may be megabytes)."""
+    return quoted(orjson.dumps(value).decode())
 
 
 def _object(body: bytes, what: str) -> dict[str, Any]:
@@ -243,23 +248,21 @@ def _flag(where: str, parameters: Mapping[str, Any], key: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise InvalidInputError(
-            f"{where}: parameter {quoted(key)} must be true or false, got {orjson.dumps(value).decode()}"
-        )
+        raise InvalidInputError(f"{where}: parameter {quoted(key)} must be true or false, got {_shown(value)}")
     return value
 
 
 def _string(where: str, tensor: Mapping[str, Any], key: str) -> str:
     value = tensor.get(key)
     if not isinstance(value, str):
-        raise InvalidInputError(f"{where} needs {quoted(key)} as a string, got {orjson.dumps(value).decode()}")
+        raise InvalidInputError(f"{where} needs {quoted(key)} as a string, got {_shown(value)}")
     return value
 
 
 def _shape(where: str, tensor: Mapping[str, Any]) -> list[int]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise InvalidInputError(f"{where} needs 'shape' as a list of integers, got {orjson.dumps(shape).decode()}")
+        raise InvalidInputError(f"{where} needs 'shape' as a list of integers, got {_shown(shape)}")
     return shape
 
 
@@ -319,8 +322,9 @@ def _split(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, bytes]:
     length_text = headers.get(HEADER_LENGTH)
     if length_text is None:
         return body, b""
-    if not (length_text.strip().isascii() and length_text.strip().isdigit()):  # "²" is a digit to isdigit()
-        raise InvalidInputError(f"Inference-Header-Content-Length must be a number of bytes, got {length_text!r}")
+    text = length_text.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):  # "²" is a digit to isdigit()
+        raise InvalidInputError(f"Inference-Header-Content-Length must be a number of bytes, got {quoted(text)}")
     length = int(length_text)
     if length > len(body):
         raise InvalidInputError(
@@ -357,7 +361,7 @@ def decode_inputs(
         size = parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise InvalidInputError(f"{where}: 'binary_data_size' must be a number of bytes, got {size!r}")
+                raise InvalidInputError(f"{where}: 'binary_data_size' must be a number of bytes, got {_shown(size)}")
             if "data" in tensor:
                 raise InvalidInputError(f"{where} has both 'data' and 'binary_data_size': send its values once")
             if offset + size > len(binary):

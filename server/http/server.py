@@ -27,20 +27,49 @@ from server.http.api import HttpApi
 
 log = logging.getLogger(__name__)
 
+# The request line and headers of one request, at most (nginx's large_client_header_buffers allow 4 x 8 KiB).
+MAX_HEAD_BYTES = 64 * 1024
 # Connections waiting to be accepted: a burst of new clients (a load test's 64, a restart's reconnects) must not
 # find the queue full.
 BACKLOG = 2048
 
 
+class HeadTooLarge(Exception):
+    """A request line and headers larger than MAX_HEAD_BYTES: uvicorn answers 400 and closes the connection."""
+
+
 class _Protocol(HttpToolsProtocol):
-    """uvicorn's protocol, with a deadline for each request head (from the connection, or the previous reply)."""
+    """uvicorn's protocol, with a deadline for each request head (from the connection, or from the first byte of the
+    next request on a keep-alive connection, whose idle time uvicorn's keep-alive timer bounds) and a size limit."""
 
     header_timeout: float = 10.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
         self._arm_head_timer()
+
+    def on_message_begin(self) -> None:
+        self._head_bytes = 0
+        if self._head_timer is None:
+            self._arm_head_timer()
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value))
+        super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        # uvicorn keeps the URL and headers without a bound: a client could send megabytes of head. Raised from a
+        # parser callback, this stops the parser; uvicorn answers 400 and closes the connection.
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise HeadTooLarge(f"request head over {MAX_HEAD_BYTES} bytes")
 
     def _arm_head_timer(self) -> None:
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_too_slow)
@@ -56,11 +85,6 @@ class _Protocol(HttpToolsProtocol):
             self._head_timer = None
         super().on_headers_complete()
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._head_timer is None and not self.transport.is_closing():
-            self._arm_head_timer()
-
     def connection_lost(self, exc: Exception | None) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -72,7 +96,9 @@ def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     """A TCP socket bound and listening; port 0 picks one. `reuse_port`: --workers share the port (SO_REUSEPORT),
     alone a port in use is an error. proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are
     TCP, and without it a reply written in two parts waits 40 ms for a delayed ACK."""
-    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0]
+    info = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+    )[0]
     sock = socket.socket(info[0], socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -116,9 +142,11 @@ class HttpServer:
             date_header=False,
             timeout_keep_alive=max(1, round(idle_timeout)),
             backlog=BACKLOG,
+            proxy_headers=False,  # no proxy's headers are trusted (and no middleware per request)
             **options,
         )
         self.config.load()
+        self.app = app
         self.header_timeout = header_timeout
         self.state = ServerState()
         self._server: asyncio.Server | None = None
@@ -134,7 +162,10 @@ class HttpServer:
             instance.header_timeout = header_timeout
             return instance
 
-        self._server = await loop.create_server(protocol, sock=sock, ssl=self.config.ssl, backlog=BACKLOG)
+        handshake = self.header_timeout if self.config.ssl is not None else None  # a TLS handshake is part of the head
+        self._server = await loop.create_server(
+            protocol, sock=sock, ssl=self.config.ssl, backlog=BACKLOG, ssl_handshake_timeout=handshake
+        )
         self.port = int(sock.getsockname()[1])
         return self.port
 

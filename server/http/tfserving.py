@@ -45,7 +45,7 @@ def model_spec(params: Mapping[str, str], signature_name: str = "") -> ModelSpec
     name = params["model"]
     version_text = params.get("version")
     # ASCII digits only: str.isdigit() is true of "²", which int() refuses.
-    if version_text is not None and not (version_text.isascii() and version_text.isdigit()):
+    if version_text is not None and not (version_text.isascii() and version_text.isdigit() and len(version_text) <= 18):
         raise InvalidInputError(f"model {quoted(name)} version must be a positive integer, got {quoted(version_text)}")
     return ModelSpec(name, int(version_text or 0), params.get("label"), signature_name)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -220,3 +222,97 @@ def test_every_worker_serves_http_on_the_shared_port_and_metrics_count_them_all(
         scrape = Metrics(process)
         assert scrape("modelserver_workers") == 2
         assert scrape("modelserver_requests_total", method="tfs.Predict", code="OK", transport="http") == calls
+
+
+def _raw_reply(sock: socket.socket) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 reply read from a raw socket (Content-Length framed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a reply: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1]), body
+
+
+def test_hostile_heads_bodies_and_numbers_are_refused_and_keep_alive_outlives_the_head_timer(
+    model_repository, server, keras_models
+):
+    """Found in review: a keep-alive connection must live for --http-idle-timeout, not the head timer's seconds; a
+    head of megabytes, a body that stops arriving, numbers of thousands of digits and a zero beside a huge
+    dimension are each refused (never a 500), and the server serves on."""
+    inputs = random_inputs(keras_models["multi_input"], 1, seed=11)
+    body = json.dumps(predict_body(inputs)).encode()
+    request = (
+        b"POST /v1/models/multi_input:predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    with serving(model_repository, ["--http-header-timeout", "1", "--http-idle-timeout", "30"]) as process:
+        assert process.http_port is not None
+        with socket.create_connection(("127.0.0.1", process.http_port), timeout=30) as sock:
+            sock.sendall(request)
+            assert _raw_reply(sock)[0] == 200
+            time.sleep(2.5)  # idle past the head timer: the connection is still open, and serves the next request
+            sock.sendall(request)
+            assert _raw_reply(sock)[0] == 200
+        with socket.create_connection(("127.0.0.1", process.http_port), timeout=30) as sock:
+            sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
+            assert _raw_reply(sock)[0] == 400  # uvicorn's answer to a parser stopped at 64 KiB of head
+        with socket.create_connection(("127.0.0.1", process.http_port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/models/multi_input:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+            status, reply = _raw_reply(sock)  # no body byte for --http-header-timeout seconds
+            assert status == 408 and b"stopped arriving" in reply
+        url = process.http_url
+        shape = [0, 2**62]
+        hostile = [
+            requests.get(f"{url}/v1/models/multi_input/versions/{'9' * 5000}", timeout=30),
+            requests.get(f"{url}/v2/models/multi_input/versions/{'9' * 5000}", timeout=30),
+            requests.post(
+                f"{url}/v2/models/multi_input/infer",
+                data=b'{"inputs": []}',
+                timeout=30,
+                headers={"Inference-Header-Content-Length": "9" * 5000},
+            ),  # fmt: skip
+            requests.post(
+                f"{url}/v2/models/multi_input/infer",
+                timeout=30,
+                json={
+                    "inputs": [
+                        {"name": "input_a", "datatype": "FP32", "shape": shape, "data": []},
+                        {"name": "input_b", "datatype": "FP32", "shape": [0, 20], "data": []},
+                    ]
+                },
+            ),  # fmt: skip
+        ]
+        assert [r.status_code for r in hostile] == [400, 400, 400, 400], [r.text[:200] for r in hostile]
+        assert all(len(r.text) < 2000 for r in hostile), "caller-supplied strings are cut short in messages"
+        assert post_predict(process, inputs).status_code == 200
+
+
+def test_a_body_still_arriving_when_sigterm_comes_is_answered(model_repository, server, keras_models):
+    """Found in review: a request admitted on its head whose body is still arriving when the drain begins reaches
+    the core before the core refuses new work (the drain waits for bodies being read, like gRPC's marker)."""
+    inputs = random_inputs(keras_models["multi_input"], 1, seed=12)
+    expected = keras_outputs(keras_models["multi_input"], inputs)["output"]
+    body = json.dumps(predict_body(inputs)).encode()
+    head = b"POST /v1/models/multi_input:predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with serving(model_repository, ["--grace-period", "20"]) as process:
+        assert process.http_port is not None
+        with socket.create_connection(("127.0.0.1", process.http_port), timeout=30) as sock:
+            sock.sendall(head + body[:10])
+            deadline = time.monotonic() + 30
+            time.sleep(0.2)  # the head is read and admitted (the body has not all come)
+            process.process.send_signal(signal.SIGTERM)
+            while "signal received" not in process.log_text():
+                assert time.monotonic() < deadline, "the server never saw the signal"
+                time.sleep(0.05)
+            time.sleep(0.5)  # past the drain's in-transit wait: the rest of the body arrives only now
+            sock.sendall(body[10:])
+            status, reply = _raw_reply(sock)
+        assert status == 200, reply
+        np.testing.assert_allclose(np.asarray(json.loads(reply)["predictions"]), expected, rtol=1e-5, atol=1e-6)
+        assert process.process.wait(60) == 0

@@ -100,7 +100,9 @@ def parse_version(model: str, version: str) -> int:
     """OIP versions are strings: "" is the latest (0 for the core), otherwise a positive decimal integer."""
     if version == "":
         return 0
-    if not (version.isascii() and version.isdigit()) or int(version) < 1:  # "²" is a digit to isdigit()
+    if (
+        not (version.isascii() and version.isdigit() and len(version) <= 18) or int(version) < 1
+    ):  # "²" is a digit to isdigit()
         raise InvalidInputError(
             f"failed to get model version from specified version string {quoted(version)}: model {quoted(model)} "
             "versions are positive integers, or '' for the latest"
