@@ -91,11 +91,11 @@ def declared_elements(model: str, name: str, shape: Sequence[int], limits: Input
         raise InvalidInputError(
             f"{where} has shape {shape_text(shape)}: expected non-negative dimensions (the rows first)"
         )
-    if any(d > MAX_DIMENSION for d in shape):  # with a 0 beside it the product is 0, but numpy cannot shape it
+    count = math.prod(shape)
+    if count == 0 and any(d > MAX_DIMENSION for d in shape):  # no elements, but numpy cannot make such a shape
         raise InvalidInputError(
             f"{where} has shape {shape_text(shape)}: a dimension is at most {MAX_DIMENSION}; send the model's shape"
         )
-    count = math.prod(shape)
     if limits is None or spec is None:
         return count  # not the model's input: refused by name later, and no larger than the values sent
     if limits.batched and shape and shape[0] > limits.max_rows:
