@@ -302,20 +302,12 @@ def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     assert subprocess.run([*check, str(broken)], capture_output=True).returncode != 0
 
 
-def _nginx_http_on_loopback(config: str) -> str:
-    """The HTTP part's replica and listen lines moved to loopback (`server:8000` resolves only on the compose
-    network), as nginx_config_for_loopback does for the gRPC part."""
-    replaced = {f"server server:{HTTP_PORT};": "server 127.0.0.1:1;", f"listen {HTTP_PORT};": "listen 127.0.0.1:2;"}
-    for old, new in replaced.items():
-        assert config.count(old) == 1, f"deploy/nginx/nginx.conf should have {old!r} once"
-        config = config.replace(old, new)
-    return config
-
-
 def test_nginx_config_passes_nginx_t_with_grpc_module(tmp_path: Path) -> None:
     config = tmp_path / "nginx.conf"
-    source = _nginx_http_on_loopback(NGINX_CONFIG.read_text())
-    config.write_text(nginx_config_for_loopback(source, 50051, ["127.0.0.1:1", "127.0.0.1:2"], tmp_path))
+    # nginx_config_for_loopback moves the gRPC and the HTTP part's replica and listen lines to loopback.
+    config.write_text(
+        nginx_config_for_loopback(NGINX_CONFIG.read_text(), 50051, ["127.0.0.1:1", "127.0.0.1:2"], tmp_path)
+    )
     result = subprocess.run(
         [tool("nginx"), "-p", str(tmp_path), "-c", str(config), "-e", "stderr", "-t"], capture_output=True, text=True
     )
