@@ -79,24 +79,12 @@ def routes(core: InferenceService, repository_control: bool) -> list[Route]:
         ),  # fmt: skip
         # The extensions we do not offer, answered with the extension's name and what to do instead.
         *(
-            Route(
-                verb,
-                r"/v2/systemsharedmemory" + shared_memory,
-                not_offered(Method.SystemSharedMemoryStatus),
-                Method.SystemSharedMemoryStatus,
-                model=None,
-            )  # fmt: skip
+            Route(verb, rf"/v2/{kind}" + shared_memory, not_offered(method), method, model=None)
             for verb in ("GET", "POST")
-        ),
-        *(
-            Route(
-                verb,
-                r"/v2/cudasharedmemory" + shared_memory,
-                not_offered(Method.CudaSharedMemoryStatus),
-                Method.CudaSharedMemoryStatus,
-                model=None,
-            )  # fmt: skip
-            for verb in ("GET", "POST")
+            for kind, method in (
+                ("systemsharedmemory", Method.SystemSharedMemoryStatus),
+                ("cudasharedmemory", Method.CudaSharedMemoryStatus),
+            )
         ),
         *(
             Route(verb, path, not_offered(Method.TraceSetting), Method.TraceSetting, model=None)

@@ -62,18 +62,24 @@ def test_imports_point_down() -> None:
     assert not upward, "imports that point up or sideways:\n" + "\n".join(upward)
 
 
+def top_level_imports(path: Path) -> list[str]:
+    """Every module the file imports (absolute imports), lazy ones too."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
 def test_no_transport_below_the_transports() -> None:
     """Protocols, the data plane, the registry, runtimes and batching know nothing of gRPC."""
     offenders = []
     for package in ("base", "runtimes", "registry", "batching", "dataplane", "protocols"):
         for path in sorted((SERVER / package).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = []
-                if isinstance(node, ast.Import):
-                    names = [alias.name for alias in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    names = [node.module]
-                offenders += [f"{path.relative_to(SERVER.parent)}: {n}" for n in names if n.split(".")[0] == "grpc"]
+            names = top_level_imports(path)
+            offenders += [f"{path.relative_to(SERVER.parent)}: {n}" for n in names if n.split(".")[0] == "grpc"]
     assert not offenders, "gRPC imported below the transport:\n" + "\n".join(offenders)
 
 
@@ -82,14 +88,8 @@ def test_each_transport_keeps_to_its_own_stack() -> None:
     offenders = []
     for path in sorted(SERVER.rglob("*.py")):
         package = package_of(".".join(path.relative_to(SERVER.parent).with_suffix("").parts))
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module]
-            for name in names:
-                top = name.split(".")[0]
-                if (package == "http" and top == "grpc") or (package != "http" and top in ("uvicorn", "httptools")):
-                    offenders.append(f"{path.relative_to(SERVER.parent)}: {name}")
+        for name in top_level_imports(path):
+            top = name.split(".")[0]
+            if (package == "http" and top == "grpc") or (package != "http" and top in ("uvicorn", "httptools")):
+                offenders.append(f"{path.relative_to(SERVER.parent)}: {name}")
     assert not offenders, "a transport's stack imported outside it:\n" + "\n".join(offenders)
