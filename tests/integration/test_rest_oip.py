@@ -530,7 +530,7 @@ BAD_REQUESTS = [
     ("unknown_version", "GET", "/v2/models/multi_input/versions/7", b"", {}, 404,
      ("Request for unknown model", "no loaded version 7")),
     ("unknown_route", "GET", "/v2/models/multi_input/explain", b"", {}, 404,
-     ("no endpoint GET /v2/models/multi_input/explain", "/openapi.json")),
+     ("no endpoint GET '/v2/models/multi_input/explain'", "/openapi.json")),
     ("wrong_method", "GET", "/v2/models/multi_input/infer", b"", {}, 405, ("GET is not allowed", "use POST")),
     ("system_shared_memory", "GET", "/v2/systemsharedmemory/status", b"", {}, 501,
      ("'system_shared_memory' extension", "does not offer")),

@@ -284,7 +284,7 @@ BAD_REQUESTS = [
      ("Could not find any versions of model no_such_model",)),
     ("unknown_version_metadata", "GET", "/multi_input/versions/7/metadata", b"", {}, 404, ("version 7",)),
     ("unknown_route", "POST", "/multi_input:explain", {}, {}, 404,
-     ("no endpoint POST /v1/models/multi_input:explain",)),
+     ("no endpoint POST '/v1/models/multi_input:explain'",)),
     ("wrong_method", "GET", "/multi_input:predict", b"", {}, 405, ("GET is not allowed", "use POST")),
     ("classify", "POST", "/multi_input:classify", {"examples": []}, {}, 501, ("Classify is not offered", "Predict")),
 ]  # fmt: skip
