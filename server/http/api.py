@@ -52,6 +52,10 @@ class BodyTooLarge(Exception):
     """The request body (sent or decompressed) is larger than --max-receive-message-bytes: 413."""
 
 
+class BodyStalled(Exception):
+    """No byte of the request body arrived for the body timeout: 408."""
+
+
 class ClientGone(Exception):
     """The client closed the connection before its body arrived: nothing to answer."""
 
@@ -187,6 +191,7 @@ class HttpApi:
                 401, "missing or invalid bearer token: send the header 'Authorization: Bearer TOKEN'", "UNAUTHENTICATED"
             )
             response.headers.append((b"www-authenticate", b"Bearer"))
+            response.body_read = not route.reads_body
             return route, response, model_label
         read = [not route.reads_body]  # set once the body has been read
 
@@ -207,7 +212,7 @@ class HttpApi:
             return answered(await route.endpoint(request))
         except BodyTooLarge as error:
             return answered(error_response(413, str(error), "RESOURCE_EXHAUSTED"))
-        except TimeoutError:
+        except BodyStalled:
             message = f"the request body stopped arriving (no byte for {self.body_timeout:g} s): send it whole"
             return answered(error_response(408, message, "DEADLINE_EXCEEDED"))
         except ServingError as error:
@@ -278,8 +283,11 @@ class HttpApi:
             raise BodyTooLarge(_too_large(int(declared), self.max_body_bytes))
         chunks, size = [], 0
         while True:
-            async with asyncio.timeout(self.body_timeout):
-                message = await receive()
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyStalled from None
             if message["type"] == "http.disconnect":
                 raise ClientGone
             chunk = message.get("body", b"")
