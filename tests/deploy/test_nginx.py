@@ -184,10 +184,19 @@ def test_rolling_restart_under_load(nginx: NginxProcess, replicas: Replicas) -> 
     assert nginx.errors()[errors_before:] == [], nginx.errors()[errors_before:][:5]
 
 
+# The UNAVAILABLE a replica answers itself while it loads its models (ModelManager.resolve).
+STILL_LOADING = ("the server is starting", "is loading; retry shortly")
+
+
 def test_a_killed_replica_loses_only_the_calls_it_was_reading(nginx: NginxProcess, replicas: Replicas) -> None:
     """SIGKILL one replica under load, then start it again. nginx streams gRPC request bodies, so it cannot resend
     a call the replica had started reading: callers that never retry lose at most the calls they had in flight
-    there (one per caller), as nginx's own UNAVAILABLE; callers with the retry policy lose nothing."""
+    there (one per caller), as nginx's own UNAVAILABLE; callers with the retry policy lose nothing.
+
+    Once nginx's fail_timeout (10 s) has passed it tries the replica again, and a replica still loading its models
+    answers UNAVAILABLE itself (STILL_LOADING): how many such answers a caller that never retries sees
+    depends on how long the start takes (none when it is quick, about 50 on one busy core), so those are told
+    apart by their message, not counted."""
     before = nginx.access_counts()
     with (
         ClosedLoop(nginx.target, concurrency=6, max_seconds=240) as plain,
@@ -199,6 +208,10 @@ def test_a_killed_replica_loses_only_the_calls_it_was_reading(nginx: NginxProces
     plain_codes, retrying_codes = plain.stop(), retrying.stop()  # stopped already: their final counts
     print(f"replica killed behind nginx: no retry {dict(plain_codes)}; with retries {dict(retrying_codes)}")
     assert retrying.failures == [], f"retrying callers saw failures: {sorted(set(retrying.failures))[:5]}"
-    assert set(plain_codes) <= {"OK", "UNAVAILABLE"} and len(plain.failures) <= 6, dict(plain_codes)
+    assert set(plain_codes) <= {"OK", "UNAVAILABLE"}, dict(plain_codes)
+    lost = [failure for failure in plain.failures if "no modelserver replica reachable" in failure]
+    starting = [failure for failure in plain.failures if any(words in failure for words in STILL_LOADING)]
+    assert len(lost) + len(starting) == len(plain.failures), sorted(set(plain.failures))[:5]
+    assert len(lost) <= 6, f"{len(lost)} calls lost with the killed replica, more than the 6 callers had in flight"
     nginx_answered = (nginx.access_counts() - before)[("200", "")]  # the shipped error_page: grpc-status 14
-    assert nginx_answered >= len(plain.failures), (nginx_answered, plain.failures)
+    assert nginx_answered >= len(lost), (nginx_answered, lost)
