@@ -106,6 +106,7 @@ class _ModelQueue:
     cost: CostModel = field(default_factory=CostModel)
     arrivals: ArrivalRate = field(default_factory=ArrivalRate)
     timer: asyncio.TimerHandle | None = None
+    timer_wake: float = 0.0  # the moment (batcher's clock) the timer was set for
 
     def state(self) -> QueueState:
         while self.deadlines and self.deadlines[0][2].taken:
@@ -266,10 +267,11 @@ class Batcher:
         return queue
 
     def _pump(self, queue: _ModelQueue) -> None:
-        """Start every batch the policy says should run now; else set a timer for when it says to look again."""
-        if queue.timer is not None:
-            queue.timer.cancel()
-            queue.timer = None
+        """Start every batch the policy says should run now; else set a timer for when it says to look again.
+
+        A timer already set for the same moment or earlier is kept (when it fires, the policy is asked again): under
+        load every arrival asks, and the answer moves a little later each time. Replacing the timer per arrival cost
+        a TimerHandle, a cancelled one left in the loop's heap, and microseconds each (issue 25)."""
         if not queue.joinable:  # each request is its own call, at once: the executor's threads queue them
             while queue.tasks:
                 self._start(queue, 0, "unbatched")
@@ -280,10 +282,20 @@ class Batcher:
             if decision.run:
                 self._start(queue, decision.rows, decision.reason)
                 continue
+            if queue.timer is not None and (decision.wake is None or queue.timer_wake <= decision.wake):
+                return  # it fires first and asks again: early is harmless, late is not
+            if queue.timer is not None:
+                queue.timer.cancel()
+                queue.timer = None
             if decision.wake is not None:
                 delay = max(0.0, decision.wake - now)
-                queue.timer = asyncio.get_running_loop().call_later(delay, self._pump, queue)
+                queue.timer = asyncio.get_running_loop().call_later(delay, self._on_timer, queue)
+                queue.timer_wake = decision.wake
             return
+
+    def _on_timer(self, queue: _ModelQueue) -> None:
+        queue.timer = None  # it has fired: the next wake needs a timer of its own
+        self._pump(queue)
 
     def _start(self, queue: _ModelQueue, max_rows: int, reason: str) -> None:
         """Take the next tasks, up to `max_rows` rows (one task at least), and run them as one model call."""

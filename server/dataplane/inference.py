@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, Gauge
 
 from server.base import metrics
 from server.base.errors import InvalidInputError, OverloadedError, UnavailableError
@@ -126,6 +126,7 @@ class InferenceService:
         self._admit = admit
         self._stats: dict[str, ModelStatistics] = {}
         self._in_flight = 0
+        self._in_flight_gauges: dict[str, Gauge] = {}  # each model's child of IN_FLIGHT, looked up once
         self._idle = asyncio.Event()
         self._idle.set()
         self._released = asyncio.Event()
@@ -271,7 +272,9 @@ class InferenceService:
             raise
         self._in_flight += 1
         self._idle.clear()
-        in_flight = metrics.IN_FLIGHT.labels(runtime.name)
+        in_flight = self._in_flight_gauges.get(runtime.name)
+        if in_flight is None:
+            in_flight = self._in_flight_gauges[runtime.name] = metrics.IN_FLIGHT.labels(runtime.name)
         in_flight.inc()
         try:
             outputs = await self._runner.run(runtime, inputs, rows, deadline)

@@ -209,6 +209,19 @@ def rpc(method: str, model: Callable[[Any, Any], str]) -> Callable[[Handler[Any,
     """
 
     def decorate(handler: Handler[Any, Any]) -> Handler[Any, Any]:
+        # The metric children of each (model label, code) this method has answered: labels() costs microseconds per
+        # call, a dict lookup a fraction of one (issue 25). Bounded: model labels and codes are finite sets.
+        children: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
+
+        def metric_children(model_label: str, code: grpc.StatusCode) -> tuple[Any, Any]:
+            pair = children.get((model_label, code))
+            if pair is None:
+                pair = children[(model_label, code)] = (
+                    REQUESTS.labels(model_label, method, code.name, "grpc"),
+                    REQUEST_DURATION.labels(model_label, method, "grpc"),
+                )
+            return pair
+
         @functools.wraps(handler)
         async def wrapper(self: Any, request: Any, context: Context) -> Any:
             started = time.perf_counter()
@@ -219,8 +232,9 @@ def rpc(method: str, model: Callable[[Any, Any], str]) -> Callable[[Handler[Any,
             def count() -> None:
                 nonlocal counted
                 counted = True
-                REQUESTS.labels(model_label, method, code.name, "grpc").inc()
-                REQUEST_DURATION.labels(model_label, method, "grpc").observe(time.perf_counter() - started)
+                requests, duration = metric_children(model_label, code)
+                requests.inc()
+                duration.observe(time.perf_counter() - started)
 
             try:
                 if isinstance(request, MalformedRequest):
