@@ -44,7 +44,7 @@ def group_of(name: str) -> str:
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of each thread group of a process."""
     ticks = os.sysconf("SC_CLK_TCK")
-    totals: collections.Counter[str] = collections.Counter()
+    totals: dict[str, float] = collections.defaultdict(float)
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
