@@ -10,7 +10,9 @@ Every model call, of a lone request or a full batch, batching on or off, goes th
 `_handle_batches` shape): `_start` takes tasks from the queue; `_execute`, on the executor, drops the cancelled
 and expired ones (counted there, once), joins and pads the rest to an allowed size, calls the model and checks
 that every output has one row per input row; `_finish`, back on the event loop, splits the outputs and resolves
-the futures that are still waited for, then asks the policy again. A failing call fails only its own tasks.
+the futures that are still waited for, then asks the policy again. A failing call fails only its own tasks, and
+NaN or infinity that a model computed (from finite inputs too large for it) fails only the requests whose rows
+hold them: finiteness is checked once per call on the executor, per request only when that check fails.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 from server.base import metrics
 from server.base.deadlines import CANCEL_NEAR_DEADLINE
 from server.base.errors import DeadlineExpiredError, InvalidInputError, OverloadedError
+from server.base.tensors import check_finite_outputs
 from server.batching.config import BatchingConfig, default_batch_sizes
 from server.batching.policy import ArrivalRate, CostModel, Limits, QueueState, decide
 from server.runtimes.base import ModelRuntime
@@ -64,6 +67,7 @@ class _Outcome:
     rows: int = 0
     padded: int = 0
     seconds: float = 0.0
+    finite: bool = True  # every float output value is finite (checked once per call, off the event loop)
 
 
 class _ModelMetrics:
@@ -277,6 +281,8 @@ class Batcher:
                 self._start(queue, 0, "unbatched")
             return
         while True:
+            if not queue.rows or queue.running >= queue.limits.slots:
+                return  # what decide() answers first (wait for an arrival or a call's end), without its inputs
             now = self._clock()
             decision = decide(queue.state(), queue.cost, now, queue.limits)
             if decision.run:
@@ -404,7 +410,7 @@ def _resolve(queue: _ModelQueue, outcome: _Outcome, reason: str) -> bool:
     model_metrics.signature_rows.inc(outcome.rows)
     model_metrics.padding.inc(outcome.padded - outcome.rows)
     model_metrics.inference.observe(outcome.seconds)
-    if len(outcome.live) == 1 and outcome.padded == outcome.rows:
+    if len(outcome.live) == 1 and outcome.padded == outcome.rows and outcome.finite:
         task = outcome.live[0]
         model_metrics.queue_duration.observe(outcome.started - task.enqueued)
         if not task.future.done():
@@ -414,7 +420,14 @@ def _resolve(queue: _ModelQueue, outcome: _Outcome, reason: str) -> bool:
     for task in outcome.live:
         model_metrics.queue_duration.observe(outcome.started - task.enqueued)
         if not task.future.done():
-            task.future.set_result({k: v[offset : offset + task.rows] for k, v in outcome.outputs.items()})
+            rows = {k: v[offset : offset + task.rows] for k, v in outcome.outputs.items()}
+            try:
+                if not outcome.finite:  # only the requests whose own rows overflowed fail
+                    check_finite_outputs(name, rows)
+            except InvalidInputError as error:
+                task.future.set_exception(error)
+            else:
+                task.future.set_result(rows)
         offset += task.rows
     return True
 
@@ -468,6 +481,7 @@ def _execute(
                     f"input row ({padded}) first{advice}"
                 )
         outcome.outputs = outputs
+        outcome.finite = all(value.dtype.kind != "f" or np.isfinite(value).all() for value in outputs.values())
     except Exception as error:
         outcome.error = error
     return outcome

@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY, Gauge
 
 from server.base import metrics
 from server.base.errors import InvalidInputError, OverloadedError, UnavailableError
-from server.base.tensors import InputLimits, TensorSpec, check_finite_outputs, rows_from_flat, validate_inputs
+from server.base.tensors import InputLimits, TensorSpec, rows_from_flat, validate_inputs
 from server.batching.config import BatchingConfig
 from server.batching.policy import CostModel
 from server.registry import model_config
@@ -38,7 +38,9 @@ T = TypeVar("T")
 class Runner(Protocol):
     """Runs validated inputs of `rows` rows on a model and returns its outputs (server.batching.batcher.Batcher).
 
-    `deadline` is a time.monotonic() value; work whose deadline has passed must not reach the model.
+    `deadline` is a time.monotonic() value; work whose deadline has passed must not reach the model. Outputs are
+    finite: NaN or infinity the model computed raises InvalidInputError (server.base.tensors.check_finite_outputs),
+    checked where it is cheapest, once per model call.
     """
 
     async def run(
@@ -283,7 +285,6 @@ class InferenceService:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-        check_finite_outputs(runtime.name, outputs)
         return InferenceResult(runtime.version, outputs, runtime.batched)
 
     # -- introspection ----------------------------------------------------------------------------

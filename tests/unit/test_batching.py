@@ -284,6 +284,32 @@ def test_a_failing_batch_fails_only_its_own_requests(executor, runtime, real_run
     assert runtime.calls == [1, 4]
 
 
+def test_nan_a_model_computes_fails_only_the_request_whose_rows_hold_it(executor, runtime, real_runtime):
+    """Finiteness is checked once per model call; when that check fails, each request of the batch is checked on its
+    own rows: the request that overflowed fails naming its own row, the others in the same call are answered."""
+    normal = rows_of(2, seed=3)
+    extreme = {"input_a": np.full((2, 10), 3.4e38, np.float32), "input_b": np.full((2, 20), 3.4e38, np.float32)}
+    extreme["input_a"][0], extreme["input_b"][0] = 0.5, 0.5  # its row 0 is fine, its row 1 overflows the model
+
+    async def scenario():
+        # One batch slot and a timeout never waited out: what queues while the model is busy runs together at once.
+        batcher = make_batcher(executor, max_batch_size=8, batch_timeout=1000, policy="cost", max_batches_in_flight=1)
+        runtime.gate.clear()
+        lone = asyncio.create_task(batcher.run(runtime, rows_of(1, seed=9), 1))
+        assert await asyncio.to_thread(runtime.started.wait, 10)
+        together = [asyncio.create_task(batcher.run(runtime, x, 2)) for x in (normal, extreme)]
+        await settle()
+        runtime.gate.set()
+        await asyncio.wait_for(lone, 30)
+        return await asyncio.wait_for(asyncio.gather(*together, return_exceptions=True), 30)
+
+    answered, refused = asyncio.run(scenario())
+    assert runtime.calls == [1, 4], runtime.calls  # both in one call
+    np.testing.assert_allclose(answered["output"], real_runtime.predict(normal)["output"], atol=1e-6)
+    assert isinstance(refused, InvalidInputError), refused
+    assert "output 'output'" in str(refused) and "row 1" in str(refused), str(refused)
+
+
 def test_batching_off_runs_each_request_alone(executor, runtime):
     async def scenario():
         batcher = make_batcher(executor, enabled=False)
