@@ -7,8 +7,11 @@ The echo serves the same typed API with no model, so each group's difference is 
 event loop's is our Python per request, the Python threads' the batches (joining, the model call's Python
 side), TensorFlow's the model's kernels.
 
-Usage: python -m bench.threads [--concurrency 64] [--seconds 8] [--rounds 2] [-- SERVER FLAGS...]
-Prints JSON.
+`--targets` adds `echo-sync`, the same echo on gRPC's synchronous server (C-core threads doing HTTP/2, the
+handlers on a thread pool), to compare the two transports grpcio offers on the same request.
+
+Usage: python -m bench.threads [--concurrency 64] [--seconds 8] [--rounds 2] [--targets echo,echo-sync,server]
+[-- SERVER FLAGS...]. Prints JSON.
 """
 
 from __future__ import annotations
@@ -78,12 +81,21 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--targets", default="echo,server", help="comma-separated: echo, echo-sync, server")
     parser.add_argument("server_args", nargs="*", help="flags for our server (after --)")
     args = parser.parse_args()
     repository = Path(tempfile.mkdtemp(prefix="bench-threads-"))
-    targets: dict[str, ServerProcess | ReferenceServer] = {"echo": EchoServer()}
+    targets: dict[str, ServerProcess | ReferenceServer] = {}
     try:
-        targets["server"] = start_server(repository, *args.server_args)
+        for name in args.targets.split(","):
+            if name == "echo":
+                targets[name] = EchoServer()
+            elif name == "echo-sync":
+                targets[name] = ReferenceServer("bench.echo_server", "--sync")
+            elif name == "server":
+                targets[name] = start_server(repository, *args.server_args)
+            else:
+                parser.error(f"unknown target {name!r}: echo, echo-sync or server")
         runs: dict[str, list[dict]] = {name: [] for name in targets}
         for _ in range(args.rounds):
             for name, target in targets.items():

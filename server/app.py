@@ -148,7 +148,9 @@ def _grpc_server(
     """The gRPC server with its limits set deliberately (SPEC §6): gRPC's own backlog of received calls is kept
     far above our admission limit (--max-concurrent-rpcs), so that overload is answered by us, with
     RESOURCE_EXHAUSTED, and not by gRPC cancelling calls from its backlog. grpc.aio's own
-    maximum_concurrent_rpcs is not used: it stops taking calls from that backlog instead of refusing them."""
+    maximum_concurrent_rpcs is not used: it counts only calls handed to handlers (health checks and streams
+    included), so it never acts while calls wait in gRPC's backlog, which is where they wait under overload, and
+    its refusal costs 70 % of a served call in grpc's Cython layer anyway (bench/refusal_cost.py)."""
     streams = []
     if settings.max_concurrent_streams:  # else gRPC's default: no limit per connection
         streams.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
