@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from models.registry import BUILTIN_MODELS
@@ -31,7 +31,7 @@ from server.grpc import oip as oip_service
 from server.grpc import tfserving as tfserving_service
 from server.grpc.drain import CLOSED, IDLE, MARK_METHOD, QUIET, DrainMarker, Siblings, wait_quiet
 from server.grpc.health import HealthService
-from server.grpc.rpc import add_service
+from server.grpc.rpc import GenericOnly, add_service
 from server.grpc.security import BearerTokenInterceptor
 from server.grpc.typed import ModelService
 from server.http import documents as http_documents
@@ -297,7 +297,8 @@ def _add_services(settings: Settings, server: grpc.aio.Server, parts: _Core) -> 
     add_service(server, oip_service.OipService(core, settings.repository_control), oip_service.SERVICE)
     add_service(server, tfserving_service.PredictionService(core), tfserving_service.PREDICTION_SERVICE)
     add_service(server, tfserving_service.ModelService(core), tfserving_service.MODEL_SERVICE)
-    health_pb2_grpc.add_HealthServicer_to_server(HealthService(parts.manager, [SERVICE_NAME]), server)
+    health = HealthService(parts.manager, [SERVICE_NAME])
+    health_pb2_grpc.add_HealthServicer_to_server(health, GenericOnly(server).as_server())
     if settings.reflection:
         names = (
             SERVICE_NAME,
@@ -307,7 +308,10 @@ def _add_services(settings: Settings, server: grpc.aio.Server, parts: _Core) -> 
             HEALTH_SERVICE,
             reflection.SERVICE_NAME,
         )
-        reflection.enable_server_reflection(names, server)
+        # enable_server_reflection(names, server) would register its methods too (GenericOnly says why not).
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
+            reflection.aio.ReflectionServicer(names), GenericOnly(server).as_server()
+        )
 
 
 def _http_api(settings: Settings, parts: _Core, tokens: tuple[bytes, ...], registry: CollectorRegistry) -> HttpApi:
