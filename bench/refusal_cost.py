@@ -21,10 +21,10 @@ from pathlib import Path
 import grpc
 
 from bench.echo_server import EchoService
+from bench.run import REPO_ROOT, cpu_seconds
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 HOLD = 7.0  # input_a[0] of the call that holds the limit
 
 
@@ -33,11 +33,6 @@ class HoldingEcho(EchoService):
         if request.input_a and request.input_a[0] == HOLD:
             await asyncio.Event().wait()  # never set: holds the one call the limit allows
         return await super().PredictMultiInput(request, context)
-
-
-def _cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
 
 
 async def measure(refuse: bool, concurrency: int, seconds: float) -> dict:
@@ -53,14 +48,14 @@ async def measure(refuse: bool, concurrency: int, seconds: float) -> dict:
         await asyncio.sleep(0.5)  # the holding call is in its handler
     try:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            before = _cpu_seconds()
+            before = cpu_seconds(os.getpid())
             load = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "clients", "--target", f"127.0.0.1:{port}", "loadtest", "multi_input",
                 "--concurrency", str(concurrency), "--duration", str(seconds), "--no-progress", "--json", out.name,
                 cwd=REPO_ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
             await load.wait()
-            cpu = _cpu_seconds() - before
+            cpu = cpu_seconds(os.getpid()) - before
             result = json.loads(Path(out.name).read_text())
     finally:
         if holder is not None:
