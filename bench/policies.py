@@ -10,6 +10,7 @@ import argparse
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench.run import batch_stats, load, machine, start_server
 
@@ -18,7 +19,7 @@ VARIANTS = {
     "fixed": ["--batching-policy", "fixed"],
     "unbatched": ["--batching", "false"],
 }
-LOADS = {"c=1": {"concurrency": 1}, "c=16": {"concurrency": 16}, "c=64": {"concurrency": 64},
+LOADS: dict[str, dict[str, Any]] = {"c=1": {"concurrency": 1}, "c=16": {"concurrency": 16}, "c=64": {"concurrency": 64},
          "300 req/s": {"rate": 300}, "700 req/s": {"rate": 700}}  # fmt: skip
 
 

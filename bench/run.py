@@ -74,13 +74,17 @@ def load(
     concurrency: int | None = None,
     rate: float | None = None,
     rows: int = 1,
+    protocol: str = "typed",
+    http_target: str = "",
 ) -> dict:
-    """One load-test run from a separate client process; returns its JSON summary."""
+    """One load-test run from a separate client process; returns its JSON summary. `protocol` is the load tester's
+    (`rest-*` ones go to `http_target`)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         mode = ["--concurrency", str(concurrency)] if concurrency else ["--rate", str(rate)]
-        subprocess.run([sys.executable, "-m", "clients", "--target", target, "loadtest", model, *mode,
-                        "--duration", str(duration), "--rows-per-request", str(rows), "--no-progress",
-                        "--json", out.name],
+        http = ["--http-target", http_target] if http_target else []
+        subprocess.run([sys.executable, "-m", "clients", "--target", target, *http, "loadtest", model, *mode,
+                        "--duration", str(duration), "--rows-per-request", str(rows), "--protocol", protocol,
+                        "--no-progress", "--json", out.name],
                        cwd=REPO_ROOT, check=True, capture_output=True)  # fmt: skip
         return json.loads(Path(out.name).read_text())
 

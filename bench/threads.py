@@ -8,10 +8,13 @@ event loop's is our Python per request, the Python threads' the batches (joining
 side), TensorFlow's the model's kernels.
 
 `--targets` adds `echo-sync`, the same echo on gRPC's synchronous server (C-core threads doing HTTP/2, the
-handlers on a thread pool), to compare the two transports grpcio offers on the same request.
+handlers on a thread pool), to compare the two transports grpcio offers on the same request; `plain`, the plain
+per-request server of bench/plain_server.py (the c=1 reference); `unbatched`, our server with batching off;
+`server-rest`, our server loaded over its HTTP port (OIP with binary tensors): the same core behind another
+transport.
 
-Usage: python -m bench.threads [--concurrency 64] [--seconds 8] [--rounds 2] [--targets echo,echo-sync,server]
-[-- SERVER FLAGS...]. Prints JSON.
+Usage: python -m bench.threads [--concurrency 64] [--seconds 8] [--rounds 2]
+[--targets echo,echo-sync,plain,server,server-rest,unbatched] [-- SERVER FLAGS...]. Prints JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench.run import EchoServer, ReferenceServer, load, start_server
 from harness.server import ServerProcess
@@ -35,6 +39,9 @@ GROUPS = [
     (re.compile(r"^grpc|^default-exec|^resolver-exec|^timer_manager|^global_timer"), "gRPC C-core threads"),
     (re.compile(r"^tf_|^Eigen|^tensorflow"), "TensorFlow threads"),
 ]
+
+
+REST_PROTOCOL = "rest-oip-binary"
 
 
 def group_of(name: str) -> str:
@@ -61,11 +68,14 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return dict(totals)
 
 
-def measure(target: ServerProcess | ReferenceServer, concurrency: int, seconds: float) -> dict:
+def measure(target: ServerProcess | ReferenceServer, concurrency: int, seconds: float, protocol: str = "typed") -> dict:
     pid = target.process.pid
-    load(target.target, "multi_input", 0.5, concurrency=concurrency)
+    over: dict[str, Any] = {}
+    if protocol != "typed":  # over HTTP: our server's port (ServerProcess.http_url)
+        over = {"protocol": protocol, "http_target": getattr(target, "http_url", "")}
+    load(target.target, "multi_input", 0.5, concurrency=concurrency, **over)
     before = thread_cpu(pid)
-    result = load(target.target, "multi_input", seconds, concurrency=concurrency)
+    result = load(target.target, "multi_input", seconds, concurrency=concurrency, **over)
     after = thread_cpu(pid)
     ok = result["ok"]
     per_request = {g: round((after.get(g, 0.0) - before.get(g, 0.0)) * 1e3 / ok, 4) for g in after}
@@ -81,7 +91,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--targets", default="echo,server", help="comma-separated: echo, echo-sync, server")
+    targets_help = "comma-separated: echo, echo-sync, plain, server, server-rest, unbatched"
+    parser.add_argument("--targets", default="echo,server", help=targets_help)
     parser.add_argument("server_args", nargs="*", help="flags for our server (after --)")
     args = parser.parse_args()
     repository = Path(tempfile.mkdtemp(prefix="bench-threads-"))
@@ -94,15 +105,24 @@ def main() -> int:
                 targets[name] = ReferenceServer("bench.echo_server", "--sync")
             elif name == "server":
                 targets[name] = start_server(repository, *args.server_args)
+            elif name == "server-rest":  # our server again, loaded over its HTTP port (OIP, binary tensors)
+                targets[name] = targets.get("server") or start_server(repository, *args.server_args)
+            elif name == "unbatched":
+                targets[name] = start_server(repository, "--batching", "false", *args.server_args)
+            elif name == "plain":
+                if not (repository / "multi_input").exists():
+                    start_server(repository).stop()  # exports the built-in models
+                targets[name] = ReferenceServer("bench.plain_server", str(repository))
             else:
-                parser.error(f"unknown target {name!r}: echo, echo-sync or server")
+                parser.error(f"unknown target {name!r}: echo, echo-sync, plain, server, server-rest or unbatched")
         runs: dict[str, list[dict]] = {name: [] for name in targets}
         for _ in range(args.rounds):
             for name, target in targets.items():
-                runs[name].append(measure(target, args.concurrency, args.seconds))
+                protocol = REST_PROTOCOL if name == "server-rest" else "typed"
+                runs[name].append(measure(target, args.concurrency, args.seconds, protocol))
                 print(f"{name}: {runs[name][-1]}", file=sys.stderr)
     finally:
-        for target in targets.values():
+        for target in set(targets.values()):
             target.stop()
     print(json.dumps({"concurrency": args.concurrency, "seconds": args.seconds, "runs": runs}, indent=1))
     return 0
