@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.run import EchoServer, ReferenceServer, start_server
+from bench.run import EchoServer, PlainServer, ReferenceServer, start_server
 from harness.server import ServerProcess
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
@@ -109,9 +109,7 @@ def main() -> int:
             elif name == "server-no-poll":
                 targets[name] = start_server(repository, "--repository-poll-seconds", "0")
             elif name == "plain":
-                if not (repository / "multi_input").exists():
-                    start_server(repository).stop()  # exports the built-in models
-                targets[name] = ReferenceServer("bench.plain_server", str(repository))
+                targets[name] = PlainServer(repository)
             else:
                 parser.error(f"unknown target {name!r}: echo, plain, server or server-no-poll")
         runs: dict[str, list[dict]] = {name: [] for name in targets}

@@ -161,6 +161,14 @@ def EchoServer() -> ReferenceServer:  # noqa: N802
     return ReferenceServer("bench.echo_server")
 
 
+def PlainServer(repository: Path) -> ReferenceServer:  # noqa: N802
+    """The plain per-request server of the built-in models in `repository` (our server exports them first if
+    missing)."""
+    if not (repository / "multi_input").exists():
+        start_server(repository).stop()
+    return ReferenceServer("bench.plain_server", str(repository))
+
+
 def interleaved(
     targets: dict[str, ServerProcess | ReferenceServer], model: str, duration: float, rounds: int, **kwargs
 ) -> dict[str, dict]:
@@ -194,7 +202,7 @@ def run(duration: float, rounds: int) -> dict:
     log("starting the echo, the plain per-request server, and our server unbatched, batched and with policy fixed")
     targets: dict[str, ServerProcess | ReferenceServer] = {"echo": EchoServer()}
     try:
-        targets["plain"] = ReferenceServer("bench.plain_server", str(repository))
+        targets["plain"] = PlainServer(repository)
         targets["unbatched"] = start_server(repository, "--batching", "false")
         targets["batched"] = start_server(repository)
         for policy in OTHER_POLICIES:

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.run import EchoServer, ReferenceServer, load, start_server
+from bench.run import EchoServer, PlainServer, ReferenceServer, load, start_server
 from harness.server import ServerProcess
 
 # Thread name (the kernel's 15-character comm) -> group. Threads Python starts keep the process's name ("python"):
@@ -110,9 +110,7 @@ def main() -> int:
             elif name == "unbatched":
                 targets[name] = start_server(repository, "--batching", "false", *args.server_args)
             elif name == "plain":
-                if not (repository / "multi_input").exists():
-                    start_server(repository).stop()  # exports the built-in models
-                targets[name] = ReferenceServer("bench.plain_server", str(repository))
+                targets[name] = PlainServer(repository)
             else:
                 parser.error(f"unknown target {name!r}: echo, echo-sync, plain, server, server-rest or unbatched")
         runs: dict[str, list[dict]] = {name: [] for name in targets}
