@@ -19,17 +19,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.run import EchoServer, PlainServer, ReferenceServer, start_server
+from clients.loadtest import percentiles_ms
 from harness.server import ServerProcess
 from modelserver.v1 import modelserver_pb2 as pb
 from modelserver.v1 import modelserver_pb2_grpc as pb_grpc
@@ -41,9 +40,8 @@ SLOW_FACTOR = 5.0  # the issue's bound: max <= 5x p50
 def server_counts(server: ServerProcess) -> dict[str, float]:
     """The server's own view: its handlers' calls over 10 and 25 ms, and its GC pauses (count, seconds, by
     generation), from /metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
     counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(server.metrics_text()):
         for sample in family.samples:
             labels = sample.labels
             if sample.name == "modelserver_request_duration_seconds_bucket" and labels.get("model") == "multi_input":
@@ -58,7 +56,8 @@ def server_counts(server: ServerProcess) -> dict[str, float]:
 
 
 def run_one(target: str, seconds: float) -> list[tuple[float, float]]:
-    """(start offset s, latency ms) of every call of a c=1 closed loop, this process's GC off while it runs."""
+    """(start offset, latency), in seconds, of every call of a c=1 closed loop, this process's GC off while it
+    runs."""
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.ModelServiceStub(channel)
         for _ in range(50):  # warm-up: the connection, the first calls
@@ -71,22 +70,22 @@ def run_one(target: str, seconds: float) -> list[tuple[float, float]]:
             end = begin + seconds
             while (now := time.perf_counter()) < end:
                 stub.PredictMultiInput(REQUEST, timeout=10)
-                calls.append((now - begin, (time.perf_counter() - now) * 1e3))
+                calls.append((now - begin, time.perf_counter() - now))
         finally:
             gc.enable()
     return calls
 
 
 def summary(calls: list[tuple[float, float]]) -> dict:
-    latencies = sorted(ms for _, ms in calls)
-    p50 = statistics.median(latencies)
-    slow = [(round(at, 2), round(ms, 1)) for at, ms in calls if ms > SLOW_FACTOR * p50]
+    latency = percentiles_ms([seconds for _, seconds in calls])  # the load tester's percentiles
+    p50, p99, most = latency["p50"] or 0.0, latency["p99"] or 0.0, latency["max"] or 0.0
+    slow = [(round(at, 2), round(s * 1e3, 1)) for at, s in calls if s * 1e3 > SLOW_FACTOR * p50]
     return {
-        "calls": len(latencies),
+        "calls": len(calls),
         "p50_ms": round(p50, 2),
-        "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 2),
-        "max_ms": round(latencies[-1], 1),
-        "max_over_p50": round(latencies[-1] / p50, 1),
+        "p99_ms": round(p99, 2),
+        "max_ms": round(most, 1),
+        "max_over_p50": round(most / p50, 1) if p50 else None,
         f"calls_over_{SLOW_FACTOR:g}x_p50": len(slow),
         "slowest": sorted(slow, key=lambda x: -x[1])[:5],  # (seconds into the run, ms)
     }
